@@ -1,0 +1,11 @@
+"""Reading and writing scans: the only package that touches file formats.
+
+``read(path)`` picks a reader by suffix (a folder is a DICOM series) and returns a :class:`Scan`;
+``write(scan, path)`` picks a writer the same way and writes atomically. A broken or unsupported
+file raises :class:`MedsightError` naming it.
+"""
+
+from medsight.io.atomic import atomic_path, check_writable, write_text
+from medsight.io.registry import FORMATS, read, suffix_of, write
+
+__all__ = ["FORMATS", "atomic_path", "check_writable", "read", "suffix_of", "write", "write_text"]
