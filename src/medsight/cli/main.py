@@ -22,9 +22,9 @@ app = typer.Typer(
 
 
 def _register_all() -> None:
-    from medsight.cli import data, evaluate, phantom, scans
+    from medsight.cli import data, evaluate, phantom, scans, segment
 
-    for module in (scans, data, evaluate, phantom):
+    for module in (scans, data, evaluate, phantom, segment):
         module.register(app)
 
 

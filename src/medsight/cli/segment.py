@@ -1,0 +1,154 @@
+"""`medsight train`, `predict`, `export` and `model summary`: the supervised segmentation engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+model_app = typer.Typer(help="Inspect the networks: parameters and FLOPs.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("predict")(predict)
+    app.command("export")(export)
+    app.add_typer(model_app, name="model")
+    app.command("demo")(demo)
+
+
+def train(
+    data: Path = typer.Option(
+        ..., "--data", help="Dataset folder in any supported layout (see `medsight data inspect`)."
+    ),
+    method: str = typer.Option("context25d", "--method", help="unet2d, context25d or unet3d."),
+    out: Path = typer.Option(
+        Path("runs/train"), "-o", "--out", help="Run folder: checkpoints, metrics.csv, curve."
+    ),
+    epochs: int = typer.Option(20, min=1),
+    iters_per_epoch: int = typer.Option(50, min=1, help="Optimiser steps per epoch."),
+    batch_size: int = typer.Option(16, min=1),
+    lr: float = typer.Option(2e-3),
+    slices: int = typer.Option(5, help="Slices per stack for context25d (odd)."),
+    val_fraction: float = typer.Option(0.2, help="Share of cases held out when the layout has no split."),
+    seed: int = typer.Option(0, help="Seeds the split, the weights and the sampling: same seed, same run."),
+    patience: int = typer.Option(10, help="Stop after this many epochs without a better validation Dice."),
+    max_val_cases: int = typer.Option(None, help="Validate on at most this many cases per epoch."),
+    layout: str = typer.Option(None, help="Force a dataset layout instead of detecting it."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
+) -> None:
+    """Train a segmentation model; under torchrun it trains on every process (DDP)."""
+    from medsight.engine.train import TrainConfig
+    from medsight.engine.train import train as run
+
+    summary = run(
+        TrainConfig(
+            method=method,
+            data=str(data),
+            out=str(out),
+            layout=layout,
+            epochs=epochs,
+            iters_per_epoch=iters_per_epoch,
+            batch_size=batch_size,
+            lr=lr,
+            slices=slices,
+            val_fraction=val_fraction,
+            seed=seed,
+            patience=patience,
+            max_val_cases=max_val_cases,
+            resume=resume,
+            overwrite=overwrite,
+        )
+    )
+    typer.echo(f"best validation mean Dice {summary['best_val_mean_dice']:.4f}  ->  {summary['best']}")
+
+
+def predict(
+    inputs: list[Path] = typer.Argument(
+        ..., help="Scans (NIfTI, DICOM folders...) or folders of NIfTI scans."
+    ),
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint written by `medsight train`."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder for <case>.nii.gz masks."),
+    largest_component: bool = typer.Option(
+        False, help="Keep only the largest connected component per class."
+    ),
+    save_probabilities: bool = typer.Option(False, "--probabilities", help="Also write <case>_prob.nii.gz."),
+    onnx: Path = typer.Option(None, help="Run this ONNX export through onnxruntime instead of torch."),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """Segment scans; each mask is written with its input's affine and the training label values."""
+    from tqdm import tqdm
+
+    from medsight import io
+    from medsight.engine.infer import Predictor
+
+    predictor = Predictor(model, backend="onnx" if onnx else "torch", onnx_path=onnx)
+    scans = _expand(inputs)
+    for path in tqdm(scans, desc="segmenting", disable=len(scans) < 2):
+        case = path.name.split(".")[0] if path.is_file() else path.name
+        target = out / f"{case}.nii.gz"
+        io.check_writable(target, overwrite)
+        labels, probs = predictor.predict(io.read(path), largest_component=largest_component)
+        io.write(labels, target, overwrite=overwrite)
+        if save_probabilities:
+            io.write(probs, out / f"{case}_prob.nii.gz", overwrite=overwrite)
+        typer.echo(f"{path} -> {target}")
+
+
+def _expand(inputs: list[Path]) -> list[Path]:
+    """A folder of volume files stands for its files; a folder with DICOM files is one series."""
+    from medsight.io import suffix_of
+
+    found = []
+    for p in inputs:
+        volumes = (
+            sorted(f for f in p.iterdir() if suffix_of(f) in (".nii", ".nii.gz", ".nrrd"))
+            if p.is_dir()
+            else []
+        )
+        found.extend(volumes or [p])
+    return found
+
+
+def export(
+    model: Path = typer.Argument(..., help="Checkpoint to export."),
+    onnx: Path = typer.Option(..., "--onnx", help="Where to write the ONNX model."),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """Export a checkpoint's network to ONNX (dynamic batch and in-plane size)."""
+    from medsight.engine.export import export_onnx
+
+    export_onnx(model, onnx, overwrite=overwrite)
+    typer.echo(f"wrote {onnx}")
+
+
+@model_app.command("summary")
+def summary(
+    name: str = typer.Argument(..., help="unet2d, context25d or unet3d, or a checkpoint file."),
+    volume: str = typer.Option("36,52,36", help="Volume shape X,Y,Z for FLOPs per volume."),
+    in_channels: int = typer.Option(1),
+    num_classes: int = typer.Option(3),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Parameters and FLOPs (torch.utils.flop_counter) per slice and per volume."""
+    from medsight.models.summary import model_summary
+
+    shape = tuple(int(v) for v in volume.split(","))
+    facts = model_summary(name, shape, in_channels=in_channels, num_classes=num_classes)
+    typer.echo(
+        json.dumps(facts, indent=2) if as_json else "\n".join(f"{k:>22}: {v}" for k, v in facts.items())
+    )
+
+
+def demo(
+    out: Path = typer.Option(
+        Path("demo-output"), "-o", "--out", help="Folder for everything the demo writes."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace a previous demo output."),
+) -> None:
+    """Phantom data -> inspect -> train context25d -> segment -> evaluate -> HTML report."""
+    from medsight.demo import run_demo
+
+    run_demo(out, overwrite=overwrite)

@@ -1,0 +1,145 @@
+"""Inference: slide over every slice (2D/2.5D) or a sliding window (3D), then back to the scan's grid.
+
+The network is seen as a function from an input batch to logits, so the same code serves the torch
+model and its ONNX export (onnxruntime).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from medsight.engine import checkpoint
+from medsight.engine.preprocess import Preprocessing
+from medsight.engine.sampling import from_working, pad_to, round_up, stack, to_working
+from medsight.errors import MedsightError
+from medsight.scan import Scan
+
+Forward = Callable[[np.ndarray], np.ndarray]
+
+
+def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def slice_probabilities(forward: Forward, image: np.ndarray, slices: int, batch: int = 16) -> np.ndarray:
+    """image (C, H, W, S) -> class probabilities (K, H, W, S), one forward per slice stack."""
+    h, w, depth = image.shape[1:]
+    padded = (round_up(h), round_up(w))
+    out = None
+    for start in range(0, depth, batch):
+        idx = range(start, min(depth, start + batch))
+        x = np.stack([pad_to(stack(image, s, slices), padded) for s in idx]).astype(np.float32)
+        p = softmax(forward(x))[:, :, :h, :w]  # (b, K, H, W)
+        if out is None:
+            out = np.zeros((p.shape[1], h, w, depth), np.float32)
+        out[..., start : start + len(idx)] = np.moveaxis(p, 0, -1)
+    return out
+
+
+def volume_probabilities(forward: Forward, image: np.ndarray, patch: tuple[int, ...]) -> np.ndarray:
+    """image (C, X, Y, Z) -> (K, X, Y, Z) by MONAI's Gaussian-weighted sliding window."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    def predictor(t: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(forward(t.numpy().astype(np.float32))))
+
+    with torch.no_grad():
+        logits = sliding_window_inference(
+            torch.from_numpy(image[None].astype(np.float32)),
+            patch,
+            1,
+            predictor,
+            overlap=0.25,
+            mode="gaussian",
+        )
+    return softmax(logits.numpy(), axis=1)[0]
+
+
+def probabilities(
+    forward: Forward, image: np.ndarray, kind: str, slices: int, patch, slice_axis: int
+) -> np.ndarray:
+    """Preprocessed image (C, X, Y, Z) -> class probabilities (K, X, Y, Z) on the same grid."""
+    if kind == "3d":
+        return volume_probabilities(forward, image, tuple(patch))
+    working = to_working(image, slice_axis)
+    return from_working(slice_probabilities(forward, working, slices if kind == "2.5d" else 1), slice_axis)
+
+
+def largest_components(labels: np.ndarray) -> np.ndarray:
+    """Keep, for each class, only its largest connected component (26-connectivity in 3D)."""
+    from skimage.measure import label as connected
+
+    out = np.zeros_like(labels)
+    for value in np.unique(labels[labels > 0]):
+        comp = connected(labels == value, connectivity=labels.ndim)
+        if comp.max() == 0:
+            continue
+        sizes = np.bincount(comp.ravel())
+        sizes[0] = 0
+        out[comp == sizes.argmax()] = value
+    return out
+
+
+class Predictor:
+    """Everything needed to segment a scan, rebuilt from one checkpoint file."""
+
+    def __init__(self, ckpt_path: str | Path, backend: str = "torch", onnx_path: str | Path | None = None):
+        payload = checkpoint.load(ckpt_path)
+        self.path = Path(ckpt_path)
+        self.model_info = payload["model"]
+        self.kind = self.model_info["kind"]
+        self.slices = int(self.model_info.get("slices", 1))
+        self.patch = tuple(payload["patch"])
+        self.labels: dict[int, str] = {int(k): v for k, v in payload["labels"].items()}
+        self.pre = Preprocessing.from_dict(payload["preprocessing"])
+        if backend == "onnx":
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+            name = session.get_inputs()[0].name
+            self.forward: Forward = lambda x: session.run(None, {name: x})[0]  # noqa: E731
+        else:
+            import torch
+
+            from medsight.models.registry import build_model
+
+            self.model = build_model(self.model_info["name"], **self.model_info["kwargs"])
+            self.model.load_state_dict(payload["state_dict"])
+            self.model.eval()
+
+            def forward(x: np.ndarray) -> np.ndarray:
+                with torch.no_grad():
+                    return self.model(torch.from_numpy(x)).numpy()
+
+            self.forward = forward
+
+    @property
+    def class_values(self) -> np.ndarray:
+        return np.array(sorted(self.labels), dtype=np.int16)
+
+    def check(self, scan: Scan) -> None:
+        if scan.channels != self.pre.in_channels:
+            raise MedsightError(
+                f"scan has {scan.channels} channel(s) but the model was trained on {self.pre.in_channels}",
+                scan.path,
+            )
+        if scan.ndim != 3:
+            raise MedsightError(f"the model segments 3D volumes; this scan is {scan.ndim}D", scan.path)
+
+    def predict(self, scan: Scan, largest_component: bool = False) -> tuple[Scan, Scan]:
+        """(label map, class probabilities), both on the input scan's own grid and affine."""
+        self.check(scan)
+        working = self.pre.image(scan)
+        probs = probabilities(
+            self.forward, working.array, self.kind, self.slices, self.patch, self.pre.slice_axis
+        )
+        probs = self.pre.restore(probs, working, scan)
+        labels = self.class_values[np.argmax(probs, axis=0)]
+        if largest_component:
+            labels = largest_components(labels)
+        return scan.with_array(labels[None].astype(np.uint8)), scan.with_array(probs.astype(np.float32))

@@ -1,0 +1,112 @@
+"""Preprocessing that travels inside the checkpoint, so prediction repeats it exactly.
+
+Resampling goes to the training set's median spacing (MONAI ``Spacing``; for slice-wise methods the
+slice axis keeps its native spacing, as nnU-Net's 2D configuration does), intensities are normalised
+per modality (MRI and anything unknown: per-image, per-channel z-score; CT: clip to the training
+foreground's 0.5-99.5 percentiles, then the global mean/std), and the prediction is resampled back
+onto the input's own grid, so the output carries the input's affine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from medsight.scan import Scan
+
+
+@dataclass
+class Preprocessing:
+    target_spacing: list[float] | None  # None: keep each scan's grid
+    normalisation: str = "zscore"  # "zscore" | "ct"
+    ct_stats: dict[str, float] = field(default_factory=dict)  # clip_low, clip_high, mean, std
+    slice_axis: int = 2  # spatial axis that 2D/2.5D models slide along
+    in_channels: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        return cls(**d)
+
+    @classmethod
+    def fit(
+        cls, scans: list[Scan], labels: list[Scan], modality: str | None, slice_wise: bool
+    ) -> Preprocessing:
+        spacings = np.array([s.spacing for s in scans])
+        median = np.median(spacings, axis=0)
+        slice_axis = int(np.argmax(median)) if np.ptp(median) > 0.01 * median.max() else len(median) - 1
+        target = [float(x) for x in median]
+        if slice_wise:
+            target[slice_axis] = -1.0  # MONAI Spacing: a non-positive pixdim keeps the native spacing
+        needs_resampling = any(
+            not np.allclose(
+                [t for t in target if t > 0],
+                [sp for t, sp in zip(target, s.spacing, strict=True) if t > 0],
+                rtol=0.01,
+            )
+            for s in scans
+        )
+        pre = cls(target if needs_resampling else None, slice_axis=slice_axis, in_channels=scans[0].channels)
+        if (modality or "").upper() == "CT":
+            fg = np.concatenate(
+                [s.array[0][lab.array[0] > 0].ravel() for s, lab in zip(scans, labels, strict=True)]
+            )
+            low, high = np.percentile(fg, [0.5, 99.5])
+            clipped = np.clip(fg, low, high)
+            pre.normalisation = "ct"
+            pre.ct_stats = {
+                "clip_low": float(low),
+                "clip_high": float(high),
+                "mean": float(clipped.mean()),
+                "std": float(clipped.std() + 1e-8),
+            }
+        return pre
+
+    # -- forward ------------------------------------------------------------------------
+    def resample(self, scan: Scan, label: bool = False) -> Scan:
+        if self.target_spacing is None or scan.ndim != len(self.target_spacing):
+            return scan
+        from monai.data import MetaTensor
+        from monai.transforms import Spacing
+
+        out = Spacing(pixdim=self.target_spacing, mode="nearest" if label else "bilinear")(
+            MetaTensor(scan.array.astype(np.float32), affine=scan.affine)
+        )
+        arr = out.numpy()
+        return Scan(
+            np.rint(arr).astype(np.int64) if label else arr, out.affine.numpy(), dict(scan.meta), scan.path
+        )
+
+    def normalise(self, array: np.ndarray) -> np.ndarray:
+        array = array.astype(np.float32)
+        if self.normalisation == "ct":
+            s = self.ct_stats
+            return (np.clip(array, s["clip_low"], s["clip_high"]) - s["mean"]) / s["std"]
+        axes = tuple(range(1, array.ndim))
+        mean = array.mean(axis=axes, keepdims=True)
+        std = array.std(axis=axes, keepdims=True)
+        return (array - mean) / np.maximum(std, 1e-8)
+
+    def image(self, scan: Scan) -> Scan:
+        """Resampled and normalised image, with the affine of the grid it now lies on."""
+        resampled = self.resample(scan)
+        return resampled.with_array(self.normalise(resampled.array))
+
+    # -- back ---------------------------------------------------------------------------
+    def restore(self, probabilities: np.ndarray, working: Scan, original: Scan) -> np.ndarray:
+        """Resample class probabilities from the working grid back onto the original scan's grid."""
+        if working.same_geometry(original):
+            return probabilities
+        import torch
+        from monai.data import MetaTensor
+        from monai.transforms import SpatialResample
+
+        out = SpatialResample(mode="bilinear")(
+            MetaTensor(torch.as_tensor(probabilities), affine=working.affine),
+            dst_affine=torch.as_tensor(original.affine),
+            spatial_size=original.spatial_shape,
+        )
+        return np.asarray(out)

@@ -1,0 +1,105 @@
+"""Turning preprocessed volumes into network inputs: slice stacks for 2D/2.5D models, patches for 3D.
+
+Working arrays are channel-first with the slice axis moved last: image (C, H, W, S), label (H, W, S).
+A 2.5D input for slice s is the k slices around s (edge slices repeated at the volume's ends),
+laid out (C, k, H, W); a 2D input is (C, H, W).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+MULTIPLE = 16  # every U-Net here downsamples four times at most
+
+
+def round_up(n: int, multiple: int = MULTIPLE) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def to_working(array: np.ndarray, slice_axis: int) -> np.ndarray:
+    """(C, X, Y, Z) -> (C, H, W, S) with the slice axis last."""
+    return np.moveaxis(array, 1 + slice_axis, -1)
+
+
+def from_working(array: np.ndarray, slice_axis: int) -> np.ndarray:
+    return np.moveaxis(array, -1, 1 + slice_axis)
+
+
+def stack(image: np.ndarray, s: int, slices: int) -> np.ndarray:
+    """The ``slices`` slices centred on ``s`` as (C, k, H, W); slices=1 gives (C, H, W)."""
+    depth = image.shape[-1]
+    idx = np.clip(np.arange(s - slices // 2, s + slices // 2 + 1), 0, depth - 1)
+    chunk = np.moveaxis(image[..., idx], -1, 1)  # (C, k, H, W)
+    return chunk[:, 0] if slices == 1 else chunk
+
+
+def pad_to(array: np.ndarray, shape: tuple[int, ...], value: float = 0.0) -> np.ndarray:
+    """Pad the trailing axes at their end up to ``shape`` (no cropping)."""
+    lead = array.ndim - len(shape)
+    pads = [(0, 0)] * lead + [(0, max(0, t - n)) for n, t in zip(array.shape[lead:], shape, strict=True)]
+    return np.pad(array, pads, constant_values=value) if any(p[1] for p in pads) else array
+
+
+class PatchSampler:
+    """Random training inputs from in-memory volumes, with nnU-Net-style foreground oversampling."""
+
+    def __init__(self, images, labels, kind: str, patch: tuple[int, ...], slices: int, rng, fg_fraction=0.33):
+        self.images, self.labels = images, labels
+        self.kind, self.patch, self.slices, self.rng = kind, tuple(patch), slices, rng
+        self.fg_fraction = fg_fraction
+        self.fg_voxels = [np.argwhere(lab > 0) for lab in labels]
+
+    def _centre(self, v: int) -> np.ndarray | None:
+        fg = self.fg_voxels[v]
+        if len(fg) and self.rng.random() < self.fg_fraction:
+            return fg[self.rng.integers(len(fg))]
+        return None
+
+    def _crop_start(self, size: int, patch: int, centre: int | None) -> int:
+        if size <= patch:
+            return 0
+        if centre is None:
+            return int(self.rng.integers(0, size - patch + 1))
+        return int(
+            np.clip(centre - patch // 2 + self.rng.integers(-patch // 4, patch // 4 + 1), 0, size - patch)
+        )
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        v = int(self.rng.integers(len(self.images)))
+        image, label = self.images[v], self.labels[v]
+        centre = self._centre(v)
+        if self.kind == "3d":
+            starts = [
+                self._crop_start(n, p, None if centre is None else int(c))
+                for n, p, c in zip(
+                    label.shape, self.patch, centre if centre is not None else [0] * 3, strict=True
+                )
+            ]
+            window = tuple(slice(s, s + p) for s, p in zip(starts, self.patch, strict=True))
+            x, y = image[(slice(None), *window)], label[window]
+        else:
+            s = int(centre[2]) if centre is not None else int(self.rng.integers(label.shape[-1]))
+            x, y = stack(image, s, self.slices), label[..., s]
+            h0 = self._crop_start(y.shape[0], self.patch[0], None if centre is None else int(centre[0]))
+            w0 = self._crop_start(y.shape[1], self.patch[1], None if centre is None else int(centre[1]))
+            x = x[..., h0 : h0 + self.patch[0], w0 : w0 + self.patch[1]]
+            y = y[h0 : h0 + self.patch[0], w0 : w0 + self.patch[1]]
+        return pad_to(x, self.patch), pad_to(y, self.patch)
+
+    def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = zip(*(self.sample() for _ in range(size)), strict=True)
+        return np.stack(xs).astype(np.float32), np.stack(ys).astype(np.int64)
+
+
+def augment(x: np.ndarray, rng) -> np.ndarray:
+    """Intensity augmentation per sample (scale, shift, Gaussian noise), the nnU-Net defaults' spirit;
+    no spatial flips, because some label sets (anterior/posterior) are defined by direction."""
+    n = x.shape[0]
+    shape = (n,) + (1,) * (x.ndim - 1)
+    x = x * rng.uniform(0.9, 1.1, shape).astype(np.float32) + rng.uniform(-0.1, 0.1, shape).astype(np.float32)
+    noisy = rng.random(n) < 0.15
+    if noisy.any():
+        x[noisy] += rng.normal(0, rng.uniform(0, 0.1), x[noisy].shape).astype(np.float32)
+    return x

@@ -1,0 +1,335 @@
+"""The training loop shared by every supervised method.
+
+One call: open the dataset (any supported layout), split it by seed, fit and apply preprocessing,
+train with foreground-oversampled slices or patches, validate each epoch, keep ``best.pt`` and
+``last.pt``, stop early, and resume from ``last.pt`` after an interruption. Under torchrun
+(WORLD_SIZE > 1) it trains with DistributedDataParallel; rank 0 validates and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsight.errors import MedsightError
+
+
+@dataclass
+class TrainConfig:
+    method: str
+    data: str
+    out: str
+    layout: str | None = None
+    layout_options: dict[str, Any] = field(default_factory=dict)
+    val_fraction: float = 0.2
+    seed: int = 0
+    epochs: int = 20
+    iters_per_epoch: int = 50
+    batch_size: int = 16
+    lr: float = 2e-3
+    slices: int = 5
+    patience: int = 10  # epochs without a better validation Dice before stopping
+    max_val_cases: int | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+def _distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        import torch
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _label_lookup(values: list[int]) -> np.ndarray:
+    """Stored label value -> class index (0..K-1), so non-contiguous label sets train too."""
+    lut = np.zeros(max(values) + 1, np.int64)
+    lut[values] = np.arange(len(values))
+    return lut
+
+
+def prepare_data(cfg: TrainConfig, slice_wise: bool, rank: int = 0):
+    """Open, split, read and preprocess; returns everything the loop and the checkpoint need."""
+    from tqdm import tqdm
+
+    from medsight.datasets import open_dataset, split_dataset
+    from medsight.engine.preprocess import Preprocessing
+
+    dataset = open_dataset(cfg.data, cfg.layout, **cfg.layout_options)
+    if dataset.dim != 3:
+        raise MedsightError("segmentation training needs 3D volumes; this dataset is 2D", cfg.data)
+    train_ids, val_ids = split_dataset(dataset, cfg.val_fraction, cfg.seed)
+    if not train_ids or not val_ids:
+        raise MedsightError("need at least one training and one validation case", cfg.data)
+    if cfg.max_val_cases:
+        val_ids = val_ids[: cfg.max_val_cases]
+
+    def load(ids, what):
+        pairs = []
+        for cid in tqdm(ids, desc=f"reading {what}", disable=not cfg.progress or rank != 0, leave=False):
+            image, label = dataset.load_case(dataset.case(cid))
+            if label is None:
+                raise MedsightError(f"case '{cid}' has no label", cfg.data)
+            pairs.append((image, label))
+        return pairs
+
+    train_pairs, val_pairs = load(train_ids, "training cases"), load(val_ids, "validation cases")
+    values = (
+        sorted(dataset.labels)
+        if dataset.labels
+        else sorted({0} | {int(v) for _, lab in train_pairs for v in np.unique(lab.array)})
+    )
+    labels = {v: dataset.labels.get(v, f"label_{v}") for v in values}
+    lut = _label_lookup(values)
+    pre = Preprocessing.fit(
+        [i for i, _ in train_pairs], [lab for _, lab in train_pairs], dataset.modality, slice_wise
+    )
+
+    def apply(pairs):
+        out = []
+        for image, label in pairs:
+            work = pre.image(image)
+            lab = pre.resample(label, label=True).array[0]
+            if lab.max() >= len(lut) or (lut[lab] == 0).sum() != (lab == 0).sum():
+                raise MedsightError(
+                    f"label values {np.unique(lab).tolist()} outside the classes {values}", image.path
+                )
+            out.append((work.array.astype(np.float32), lut[lab]))
+        return out
+
+    return {
+        "dataset": dataset,
+        "train_ids": train_ids,
+        "val_ids": val_ids,
+        "labels": labels,
+        "pre": pre,
+        "train": apply(train_pairs),
+        "val": apply(val_pairs),
+    }
+
+
+def dice_per_class(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[float]:
+    """Foreground classes only; a class absent from both counts as 1 (nothing to find, nothing found)."""
+    out = []
+    for c in range(1, n_classes):
+        p, r = pred == c, ref == c
+        denom = p.sum() + r.sum()
+        out.append(1.0 if denom == 0 else 2.0 * (p & r).sum() / denom)
+    return out
+
+
+def class_weights(labels: list[np.ndarray], n_classes: int) -> list[float]:
+    """Log-damped inverse frequency, ``1 + ln(f_background / f_c)``: small lesions weigh more, but
+    not by the raw frequency ratio (hundreds for a small lesion), which makes the network paint
+    foreground everywhere early in training."""
+    counts = np.bincount(np.concatenate([y.ravel() for y in labels]), minlength=n_classes).astype(float)
+    counts = np.maximum(counts, 1.0)
+    return [1.0] + [float(1.0 + np.log(max(counts[0] / c, 1.0))) for c in counts[1:]]
+
+
+def patch_size(kind: str, shapes: list[tuple[int, ...]], slice_axis: int) -> tuple[int, ...]:
+    from medsight.engine.sampling import round_up
+
+    biggest = np.max(np.array(shapes), axis=0)
+    if kind == "3d":
+        return tuple(min(round_up(int(n)), 96) for n in biggest)
+    in_plane = [int(n) for a, n in enumerate(biggest) if a != slice_axis]
+    return tuple(min(round_up(n), 256) for n in in_plane)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train and return a summary (best Dice, epochs, seconds, validation ids, checkpoint paths)."""
+    import torch
+    from tqdm import tqdm
+
+    from medsight.engine import checkpoint
+    from medsight.engine.infer import probabilities
+    from medsight.engine.sampling import PatchSampler, augment, to_working
+    from medsight.losses import WeightedCEDiceLoss
+    from medsight.models.registry import MODELS, build_model
+
+    if cfg.method not in MODELS:
+        raise MedsightError(f"unknown method '{cfg.method}'; choose one of {', '.join(MODELS)}")
+    kind = MODELS[cfg.method].input_kind
+    rank, world = _distributed()
+    out = Path(cfg.out)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if rank == 0:
+        if last_path.exists() and not (cfg.resume or cfg.overwrite):
+            raise MedsightError(
+                "holds a training run already; pass --resume to continue it or --overwrite", out
+            )
+        out.mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    data = prepare_data(cfg, slice_wise=kind != "3d", rank=rank)
+    pre, labels = data["pre"], data["labels"]
+    n_classes = len(labels)
+    slices = cfg.slices if kind == "2.5d" else 1
+    model_kwargs = {"in_channels": pre.in_channels, "num_classes": n_classes, **cfg.model_kwargs}
+    if kind == "2.5d":
+        model_kwargs["slices"] = slices
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.method, **model_kwargs)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    total_iters = cfg.epochs * cfg.iters_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda it: (1 - min(it, total_iters - 1) / total_iters) ** 0.9
+    )
+    loss_fn = WeightedCEDiceLoss(
+        n_classes, class_weights=class_weights([y for _, y in data["train"]], n_classes)
+    )
+
+    history: list[dict[str, Any]] = []
+    best, first_epoch, stale = -1.0, 0, 0
+    if cfg.resume and last_path.exists():
+        state = checkpoint.load(last_path, method=cfg.method)
+        model.load_state_dict(state["state_dict"])
+        optimiser.load_state_dict(state["training"]["optimiser"])
+        scheduler.load_state_dict(state["training"]["scheduler"])
+        history, best = state["training"]["history"], state["training"]["best"]
+        first_epoch, stale = state["training"]["epoch"] + 1, state["training"]["stale"]
+        if rank == 0:
+            print(f"resuming {cfg.method} at epoch {first_epoch} (best Dice so far {best:.4f})")
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+
+    train_work = [
+        (
+            to_working(x, pre.slice_axis) if kind != "3d" else x,
+            to_working(y[None], pre.slice_axis)[0] if kind != "3d" else y,
+        )
+        for x, y in data["train"]
+    ]
+    patch = patch_size(kind, [y.shape for _, y in data["train"]], pre.slice_axis)
+    payload_base = {
+        "model": {"name": cfg.method, "kind": kind, "slices": slices, "kwargs": model_kwargs},
+        "labels": {int(k): v for k, v in labels.items()},
+        "preprocessing": pre.to_dict(),
+        "patch": list(patch),
+        "data": {
+            "root": str(cfg.data),
+            "train_ids": data["train_ids"],
+            "val_ids": data["val_ids"],
+            "seed": cfg.seed,
+        },
+    }
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+
+    for epoch in range(first_epoch, cfg.epochs):
+        rng = np.random.default_rng(
+            [cfg.seed, rank, epoch]
+        )  # per-epoch streams: a resumed run samples as an unbroken one
+        sampler = PatchSampler(
+            [x for x, _ in train_work], [y for _, y in train_work], kind, patch, slices, rng
+        )
+        model.train()
+        losses = []
+        bar = tqdm(
+            range(cfg.iters_per_epoch),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not cfg.progress or rank != 0,
+            leave=False,
+        )
+        for _ in bar:
+            x, y = sampler.batch(cfg.batch_size)
+            loss = loss_fn(net(torch.from_numpy(augment(x, rng))), torch.from_numpy(y))
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+
+        stop = torch.zeros(1)
+        if rank == 0:
+            model.eval()
+            scores = []
+            for x, y in data["val"]:
+                pred = np.argmax(probabilities(forward, x, kind, slices, patch, pre.slice_axis), axis=0)
+                scores.append(dice_per_class(pred, y, n_classes))
+            per_class = np.mean(scores, axis=0)
+            mean_dice = float(per_class.mean())
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": float(np.mean(losses)),
+                "val_mean_dice": mean_dice,
+                **{
+                    f"val_dice_{labels[v]}": float(d)
+                    for v, d in zip(list(labels)[1:], per_class, strict=True)
+                },
+                "lr": float(scheduler.get_last_lr()[0]),
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            history.append(record)
+            improved = mean_dice > best
+            best, stale = (mean_dice, 0) if improved else (best, stale + 1)
+            training_state = {
+                "epoch": epoch,
+                "optimiser": optimiser.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": history,
+                "best": best,
+                "stale": stale,
+                "config": asdict(cfg),
+            }
+            payload = {**payload_base, "state_dict": model.state_dict(), "training": training_state}
+            if improved:
+                checkpoint.save(best_path, payload)
+            checkpoint.save(last_path, payload)
+            _write_log(out, history)
+            if cfg.progress:
+                print(
+                    f"epoch {epoch + 1}: loss {record['train_loss']:.4f}  val Dice {mean_dice:.4f}{'  *best*' if improved else ''}"
+                )
+            stop[0] = float(stale >= cfg.patience)
+        if world > 1:
+            torch.distributed.broadcast(stop, src=0)
+        if stop.item():
+            if rank == 0 and cfg.progress:
+                print(f"early stop: no better validation Dice for {cfg.patience} epochs")
+            break
+
+    summary = {
+        "method": cfg.method,
+        "best_val_mean_dice": best,
+        "epochs_run": len(history),
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "val_ids": data["val_ids"],
+        "best": str(best_path),
+        "last": str(last_path),
+    }
+    if rank == 0:
+        from medsight.io import write_text
+
+        write_text(out / "summary.json", json.dumps(summary, indent=2), overwrite=True)
+    return summary
+
+
+def _write_log(out: Path, history: list[dict[str, Any]]) -> None:
+    import pandas as pd
+
+    from medsight.io import write_text
+    from medsight.report.curves import plot_curves
+
+    write_text(out / "metrics.csv", pd.DataFrame(history).to_csv(index=False), overwrite=True)
+    plot_curves(history, out / "training_curve.png", overwrite=True)
