@@ -151,8 +151,9 @@ def patch_size(kind: str, shapes: list[tuple[int, ...]], slice_axis: int) -> tup
     return tuple(min(round_up(n), 256) for n in in_plane)
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train and return a summary (best Dice, epochs, seconds, validation ids, checkpoint paths)."""
+def train(cfg: TrainConfig, return_model: bool = False):
+    """Train; return a summary (best Dice, epochs, seconds, validation ids, checkpoint paths), and
+    with ``return_model`` also the network as it ended (what each DDP process holds)."""
     import torch
     from tqdm import tqdm
 
@@ -322,7 +323,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         from medsight.io import write_text
 
         write_text(out / "summary.json", json.dumps(summary, indent=2), overwrite=True)
-    return summary
+    return (summary, model) if return_model else summary
 
 
 def _write_log(out: Path, history: list[dict[str, Any]]) -> None:

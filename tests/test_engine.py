@@ -1,0 +1,205 @@
+"""The segmentation engine on a tiny phantom: geometry of predictions, checkpoints, resume, DDP,
+ONNX parity and bad input. Runs are a few optimiser steps: correctness, not quality."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from medsight import MedsightError, Scan, io
+from medsight.datasets.phantom import write_phantom_dataset
+from medsight.engine import checkpoint
+from medsight.engine.infer import Predictor, largest_components
+from medsight.engine.train import TrainConfig, class_weights, train
+
+MEDSIGHT = [sys.executable, "-m", "medsight.cli.main"]
+TINY = dict(epochs=2, iters_per_epoch=2, batch_size=2, max_val_cases=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    return write_phantom_dataset(tmp_path_factory.mktemp("data") / "phantom", 4, dim=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(phantom, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    summary = train(TrainConfig(method="context25d", data=str(phantom), out=str(out), slices=3, **TINY))
+    return summary
+
+
+def test_run_folder_has_checkpoints_log_and_curve(trained):
+    from pathlib import Path
+
+    run = Path(trained["last"]).parent
+    assert {"best.pt", "last.pt", "metrics.csv", "training_curve.png", "summary.json"} <= {
+        p.name for p in run.iterdir()
+    }
+    payload = checkpoint.load(trained["best"])
+    assert payload["model"]["name"] == "context25d" and payload["model"]["slices"] == 3
+    assert payload["labels"] == {0: "background", 1: "cyst", 2: "vessel", 3: "tumour"}
+    assert payload["data"]["val_ids"] == trained["val_ids"]
+
+
+def test_prediction_keeps_the_input_geometry(trained, phantom):
+    image = io.read(next((phantom / "imagesTr").glob("*.nii.gz")))
+    theta = np.deg2rad(25)  # an oblique, shifted affine the model never saw: the output must carry it
+    affine = image.affine.copy()
+    affine[:3, :3] = (
+        np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
+        @ affine[:3, :3]
+    )
+    affine[:3, 3] += [5.0, -7.0, 11.0]
+    scan = Scan(image.array, affine)
+    labels, probs = Predictor(trained["best"]).predict(scan)
+    assert labels.spatial_shape == scan.spatial_shape and np.allclose(labels.affine, affine)
+    assert set(np.unique(labels.array)) <= {0, 1, 2, 3}
+    assert probs.channels == 4 and np.allclose(probs.array.sum(axis=0), 1.0, atol=1e-4)
+
+
+def test_prediction_on_a_finer_grid_is_resampled_back(trained, phantom):
+    """A scan at half the training slice spacing is resampled for the network and back again."""
+    image = io.read(next((phantom / "imagesTr").glob("*.nii.gz")))
+    affine = image.affine.copy()
+    affine[:3, 0] *= 0.5  # in-plane spacing halved: working grid differs from the scan's
+    scan = Scan(image.array, affine)
+    labels, _ = Predictor(trained["best"]).predict(scan)
+    assert labels.spatial_shape == scan.spatial_shape and np.allclose(labels.affine, affine)
+
+
+def test_checkpoint_round_trip_gives_the_same_output(trained, phantom, tmp_path):
+    image = io.read(next((phantom / "imagesTr").glob("*.nii.gz")))
+    first = Predictor(trained["best"]).predict(image)[1].array
+    payload = checkpoint.load(trained["best"])
+    checkpoint.save(tmp_path / "copy.pt", payload)
+    again = Predictor(tmp_path / "copy.pt").predict(image)[1].array
+    assert np.array_equal(first, again)
+
+
+def test_onnx_export_gives_the_same_masks(trained, phantom, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from medsight.engine.export import export_onnx
+
+    onnx_path = export_onnx(trained["best"], tmp_path / "model.onnx")
+    image = io.read(next((phantom / "imagesTr").glob("*.nii.gz")))
+    torch_labels, torch_probs = Predictor(trained["best"]).predict(image)
+    onnx_labels, onnx_probs = Predictor(trained["best"], backend="onnx", onnx_path=onnx_path).predict(image)
+    assert np.abs(torch_probs.array - onnx_probs.array).max() < 1e-4
+    assert (torch_labels.array != onnx_labels.array).mean() < 1e-4
+
+
+def test_class_weights_by_hand():
+    labels = [np.array([0] * 90 + [1] * 9 + [2] * 1)]
+    assert np.allclose(class_weights(labels, 3), [1.0, 1 + np.log(10), 1 + np.log(90)])
+
+
+def test_largest_component_per_class():
+    labels = np.zeros((10, 10, 3), np.uint8)
+    labels[0:2, 0:2, 0] = 1  # 4 voxels
+    labels[5:9, 5:9, 1] = 1  # 16 voxels: kept
+    labels[0, 9, 2] = 2
+    out = largest_components(labels)
+    assert out[0:2, 0:2, 0].sum() == 0 and (out[5:9, 5:9, 1] == 1).all() and out[0, 9, 2] == 2
+
+
+@pytest.mark.parametrize("method", ["unet2d", "unet3d"])
+def test_baselines_train_and_predict(method, phantom, tmp_path):
+    summary = train(TrainConfig(method=method, data=str(phantom), out=str(tmp_path), **{**TINY, "epochs": 1}))
+    image = io.read(next((phantom / "imagesTr").glob("*.nii.gz")))
+    labels, _ = Predictor(summary["best"]).predict(image)
+    assert labels.spatial_shape == image.spatial_shape
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, data, out, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    torch.set_num_threads(1)
+    _, model = train(
+        TrainConfig(method="context25d", data=data, out=out, slices=3, **TINY), return_model=True
+    )
+    torch.save(model.state_dict(), f"{result_dir}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_cpu_processes_hold_the_same_weights(phantom, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(
+        _ddp_worker, args=(2, _free_port(), str(phantom), str(tmp_path / "run"), str(tmp_path)), nprocs=2
+    )
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    # each rank samples different slices (its own seed stream), so only gradient averaging keeps them equal
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "run" / "last.pt").exists()
+
+
+def test_resume_after_kill_matches_an_unbroken_run(phantom, tmp_path):
+    args = ["train", "--data", str(phantom), "--method", "context25d", "--slices", "3", "--epochs", "3",
+            "--iters-per-epoch", "2", "--batch-size", "2", "--max-val-cases", "1"]  # fmt: skip
+    unbroken = subprocess.run([*MEDSIGHT, *args, "-o", str(tmp_path / "a")], capture_output=True, text=True)
+    assert unbroken.returncode == 0, unbroken.stderr
+    proc = subprocess.Popen(
+        [*MEDSIGHT, *args, "-o", str(tmp_path / "b")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while not (tmp_path / "b" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    epochs_done = len(checkpoint.load(tmp_path / "b" / "last.pt")["training"]["history"])
+    assert epochs_done < 3, "the run finished before it could be interrupted"
+    resumed = subprocess.run(
+        [*MEDSIGHT, *args, "-o", str(tmp_path / "b"), "--resume"], capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = (checkpoint.load(tmp_path / r / "last.pt") for r in ("a", "b"))
+    assert len(b["training"]["history"]) == 3
+    for key in a["state_dict"]:
+        assert torch.allclose(a["state_dict"][key], b["state_dict"][key], atol=1e-5), key
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+def run_cli(*args):
+    return subprocess.run([*MEDSIGHT, *args], capture_output=True, text=True)
+
+
+def test_resume_with_another_method_is_refused(trained, phantom):
+    from pathlib import Path
+
+    run = Path(trained["last"]).parent
+    with pytest.raises(MedsightError, match="checkpoint is for method 'context25d', not 'unet2d'"):
+        train(TrainConfig(method="unet2d", data=str(phantom), out=str(run), resume=True, **TINY))
+
+
+def test_predict_with_wrong_channel_count(trained, tmp_path):
+    two = Scan(np.zeros((2, 16, 16, 8), np.float32))
+    io.write(two, tmp_path / "two.nii.gz")
+    result = run_cli(
+        "predict", str(tmp_path / "two.nii.gz"), "--model", trained["best"], "-o", str(tmp_path / "out")
+    )
+    assert result.returncode == 2 and "2 channel(s) but the model was trained on 1" in result.stderr
+
+
+def test_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x80\x02 definitely not a checkpoint")
+    scan = tmp_path / "s.nii.gz"
+    io.write(Scan(np.zeros((1, 8, 8, 4), np.float32)), scan)
+    result = run_cli("predict", str(scan), "--model", str(bad), "-o", str(tmp_path / "out"))
+    assert result.returncode == 2 and "bad.pt: corrupt or unreadable checkpoint" in result.stderr
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    result = run_cli("predict", str(scan), "--model", str(tmp_path / "other.pt"), "-o", str(tmp_path / "out"))
+    assert result.returncode == 2 and "not a medsight checkpoint" in result.stderr
