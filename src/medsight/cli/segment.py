@@ -35,6 +35,7 @@ def train(
     seed: int = typer.Option(0, help="Seeds the split, the weights and the sampling: same seed, same run."),
     patience: int = typer.Option(10, help="Stop after this many epochs without a better validation Dice."),
     max_val_cases: int = typer.Option(None, help="Validate on at most this many cases per epoch."),
+    time_limit: float = typer.Option(None, help="Wall-clock budget in minutes; stops after the epoch that passes it."),
     layout: str = typer.Option(None, help="Force a dataset layout instead of detecting it."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
@@ -58,6 +59,7 @@ def train(
             seed=seed,
             patience=patience,
             max_val_cases=max_val_cases,
+            time_limit_minutes=time_limit,
             resume=resume,
             overwrite=overwrite,
         )
@@ -126,17 +128,21 @@ def export(
 
 @model_app.command("summary")
 def summary(
-    name: str = typer.Argument(..., help="unet2d, context25d or unet3d, or a checkpoint file."),
+    name: str = typer.Argument(..., help="unet2d, context25d or unet3d."),
     volume: str = typer.Option("36,52,36", help="Volume shape X,Y,Z for FLOPs per volume."),
     in_channels: int = typer.Option(1),
     num_classes: int = typer.Option(3),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Parameters and FLOPs (torch.utils.flop_counter) per slice and per volume."""
+    from medsight.models.registry import build_model, get_spec
     from medsight.models.summary import model_summary
 
     shape = tuple(int(v) for v in volume.split(","))
-    facts = model_summary(name, shape, in_channels=in_channels, num_classes=num_classes)
+    kwargs = {"slices": 5} if get_spec(name).input_kind == "2.5d" else {}
+    model = build_model(name, in_channels, num_classes, **kwargs)
+    # FLOPs helpers count slices along the first axis: (D, H, W) = (Z, X, Y)
+    facts = model_summary(name, model, (shape[2], shape[0], shape[1]), in_channels)
     typer.echo(
         json.dumps(facts, indent=2) if as_json else "\n".join(f"{k:>22}: {v}" for k, v in facts.items())
     )

@@ -36,6 +36,7 @@ class TrainConfig:
     slices: int = 5
     patience: int = 10  # epochs without a better validation Dice before stopping
     max_val_cases: int | None = None
+    time_limit_minutes: float | None = None  # a wall-clock budget: stop after the epoch that passes it
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     resume: bool = False
     overwrite: bool = False
@@ -302,12 +303,13 @@ def train(cfg: TrainConfig, return_model: bool = False):
                 print(
                     f"epoch {epoch + 1}: loss {record['train_loss']:.4f}  val Dice {mean_dice:.4f}{'  *best*' if improved else ''}"
                 )
-            stop[0] = float(stale >= cfg.patience)
+            out_of_time = cfg.time_limit_minutes and time.perf_counter() - start > 60 * cfg.time_limit_minutes
+            stop[0] = float(stale >= cfg.patience or bool(out_of_time))
         if world > 1:
             torch.distributed.broadcast(stop, src=0)
         if stop.item():
             if rank == 0 and cfg.progress:
-                print(f"early stop: no better validation Dice for {cfg.patience} epochs")
+                print(f"stopped after epoch {epoch + 1}: patience or time budget reached")
             break
 
     summary = {
