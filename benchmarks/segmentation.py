@@ -38,7 +38,9 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def run_method(method: str, data: Path, out: Path, args) -> dict:
+def run_method(
+    method: str, data: Path, out: Path, args, seed: int | None = None, minutes: float | None = None
+) -> dict:
     from medsight.datasets import open_dataset
     from medsight.engine.infer import Predictor
     from medsight.engine.train import TrainConfig, train
@@ -46,20 +48,21 @@ def run_method(method: str, data: Path, out: Path, args) -> dict:
     from medsight.models.summary import count_parameters, flops_per_volume
 
     cfg = TrainConfig(
-        method=method, data=str(data), out=str(out / method), epochs=args.epochs, iters_per_epoch=args.iters,
-        batch_size=args.batch_size if method != "unet3d" else 2, seed=args.seed, patience=args.epochs,
-        time_limit_minutes=args.minutes, max_val_cases=args.val_cases_per_epoch, overwrite=True,
+        method=method, data=str(data), out=str(out / f"{method}-seed{args.seed if seed is None else seed}"),
+        epochs=args.epochs, iters_per_epoch=args.iters, batch_size=args.batch_size if method != "unet3d" else 2,
+        seed=args.seed if seed is None else seed, split_seed=args.seed, patience=args.epochs,
+        time_limit_minutes=args.minutes if minutes is None else minutes, max_val_cases=args.val_cases_per_epoch, overwrite=True,
         progress=not args.quiet,
     )  # fmt: skip
     summary = train(cfg)
     dataset = open_dataset(data)
     predictor = Predictor(summary["best"])
     names = {v: n for v, n in predictor.labels.items() if v}
-    val_ids = json.loads((out / method / "summary.json").read_text())["val_ids"]
-    if cfg.max_val_cases:  # training validated on a subset; the benchmark scores the whole split
-        from medsight.datasets import split_dataset
+    from medsight.datasets import split_dataset
 
-        val_ids = split_dataset(dataset, cfg.val_fraction, cfg.seed)[1]
+    val_ids = split_dataset(dataset, cfg.val_fraction, cfg.split_seed)[
+        1
+    ]  # all of it, not the per-epoch subset
     rows, times = [], []
     peak_rss_reset()
     for cid in val_ids:
@@ -130,6 +133,13 @@ def table(results: dict) -> str:
             f"{r['infer_seconds_per_volume']:.3f} | {r['peak_mem_mb']:.0f} | {r['params']:,} | {r['gflops_per_volume']:.3f} | "
             f"{b.get('seconds', float('nan')):.1f} | {b.get('peak_mem_mb', float('nan')):.0f} |"
         )
+    spread = results.get("seed_spread")
+    if spread:
+        by_seed = ", ".join(f"seed {k}: {v:.4f}" for k, v in spread["mean_dice_by_seed"].items())
+        lines.append(
+            f"\ncontext25d over training seeds ({spread['budget_minutes']:g} min each, same split): {by_seed}; "
+            f"mean {spread['mean']:.4f}, std {spread['std']:.4f}, range {spread['range']:.4f}"
+        )
     return "\n".join(lines)
 
 
@@ -145,7 +155,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--val-cases-per-epoch", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="split seed, and training seed of the main runs")
+    parser.add_argument(
+        "--spread-seeds", default="1,2", help="extra context25d training seeds for the spread"
+    )
+    parser.add_argument("--spread-minutes", type=float, default=8.0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument(
         "--runs", type=Path, default=None, help="where checkpoints go (default: a temp folder)"
@@ -171,6 +185,23 @@ def main(argv=None) -> dict:
     }
     for method in args.methods.split(","):
         results["methods"][method] = run_method(method, args.data, runs, args)
+    if args.spread_seeds and not args.quick:
+        runs_by_seed = {args.seed: None}
+        runs_by_seed.update({int(s): None for s in args.spread_seeds.split(",")})
+        for seed in runs_by_seed:
+            r = run_method(
+                "context25d", args.data, runs / "spread", args, seed=seed, minutes=args.spread_minutes
+            )
+            runs_by_seed[seed] = r["mean_dice"]
+        scores = list(runs_by_seed.values())
+        results["seed_spread"] = {
+            "method": "context25d",
+            "budget_minutes": args.spread_minutes,
+            "mean_dice_by_seed": runs_by_seed,
+            "mean": float(np.mean(scores)),
+            "std": float(np.std(scores)),
+            "range": float(np.ptp(scores)),
+        }
     if args.brats and args.brats.is_dir():
         case = sorted(p for p in (args.brats / "validation").iterdir() if p.is_dir())[0]
         results["brats_case"] = case.name
@@ -181,6 +212,8 @@ def main(argv=None) -> dict:
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=2))
     (args.out / f"{name}.md").write_text(table(results) + "\n")
     print(table(results))
+    if "seed_spread" in results:
+        print(json.dumps(results["seed_spread"], indent=2))
     return results
 
 

@@ -33,9 +33,12 @@ def train(
     slices: int = typer.Option(5, help="Slices per stack for context25d (odd)."),
     val_fraction: float = typer.Option(0.2, help="Share of cases held out when the layout has no split."),
     seed: int = typer.Option(0, help="Seeds the split, the weights and the sampling: same seed, same run."),
+    split_seed: int = typer.Option(None, help="Seed of the train/validation split only (default: --seed)."),
     patience: int = typer.Option(10, help="Stop after this many epochs without a better validation Dice."),
     max_val_cases: int = typer.Option(None, help="Validate on at most this many cases per epoch."),
-    time_limit: float = typer.Option(None, help="Wall-clock budget in minutes; stops after the epoch that passes it."),
+    time_limit: float = typer.Option(
+        None, help="Wall-clock budget in minutes; stops after the epoch that passes it."
+    ),
     layout: str = typer.Option(None, help="Force a dataset layout instead of detecting it."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
@@ -57,6 +60,7 @@ def train(
             slices=slices,
             val_fraction=val_fraction,
             seed=seed,
+            split_seed=split_seed,
             patience=patience,
             max_val_cases=max_val_cases,
             time_limit_minutes=time_limit,

@@ -2,7 +2,8 @@
 
 Resampling goes to the training set's median spacing (MONAI ``Spacing``; for slice-wise methods the
 slice axis keeps its native spacing, as nnU-Net's 2D configuration does), intensities are normalised
-per modality (MRI and anything unknown: per-image, per-channel z-score; CT: clip to the training
+per modality (MRI and anything unknown: per-image, per-channel z-score after clipping to the
+image's own 0.5-99.5 percentiles; CT: clip to the training
 foreground's 0.5-99.5 percentiles, then the global mean/std), and the prediction is resampled back
 onto the input's own grid, so the output carries the input's affine.
 """
@@ -85,7 +86,11 @@ class Preprocessing:
         if self.normalisation == "ct":
             s = self.ct_stats
             return (np.clip(array, s["clip_low"], s["clip_high"]) - s["mean"]) / s["std"]
+        # Clip each channel to its own 0.5-99.5 percentiles first: some MRI exports carry a heavy
+        # tail (the Decathlon hippocampus crops reach 60x their mean), which would flatten the z-score.
         axes = tuple(range(1, array.ndim))
+        low, high = np.percentile(array, [0.5, 99.5], axis=axes, keepdims=True)
+        array = np.clip(array, low, high)
         mean = array.mean(axis=axes, keepdims=True)
         std = array.std(axis=axes, keepdims=True)
         return (array - mean) / np.maximum(std, 1e-8)

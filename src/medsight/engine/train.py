@@ -29,6 +29,7 @@ class TrainConfig:
     layout_options: dict[str, Any] = field(default_factory=dict)
     val_fraction: float = 0.2
     seed: int = 0
+    split_seed: int | None = None  # defaults to seed; fix it to compare training seeds on one split
     epochs: int = 20
     iters_per_epoch: int = 50
     batch_size: int = 16
@@ -73,7 +74,8 @@ def prepare_data(cfg: TrainConfig, slice_wise: bool, rank: int = 0):
     dataset = open_dataset(cfg.data, cfg.layout, **cfg.layout_options)
     if dataset.dim != 3:
         raise MedsightError("segmentation training needs 3D volumes; this dataset is 2D", cfg.data)
-    train_ids, val_ids = split_dataset(dataset, cfg.val_fraction, cfg.seed)
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    train_ids, val_ids = split_dataset(dataset, cfg.val_fraction, split_seed)
     if not train_ids or not val_ids:
         raise MedsightError("need at least one training and one validation case", cfg.data)
     if cfg.max_val_cases:
