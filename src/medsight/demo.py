@@ -14,7 +14,7 @@ from medsight.errors import MedsightError
 
 
 def run_demo(
-    out: str | Path, cases: int = 16, epochs: int = 12, iters_per_epoch: int = 40, overwrite: bool = False
+    out: str | Path, cases: int = 16, epochs: int = 20, iters_per_epoch: int = 40, overwrite: bool = False
 ) -> Path:
     from medsight import io
     from medsight.datasets import fingerprint, open_dataset

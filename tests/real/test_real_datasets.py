@@ -1,7 +1,6 @@
 """Dataset layouts and the fingerprint on the real datasets in ../shared/data (skipped without it).
 
-tcia-pgbm-001 is three DICOM series of one patient, not a dataset layout; io.read covers it
-(tests/real/test_real_io.py), and here it must be refused with a clear error.
+tcia-pgbm-001 (a DICOM study) is covered by tests/test_dicom_study.py and tests/real/test_real_io.py.
 """
 
 from __future__ import annotations
@@ -15,8 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medsight import MedsightError
-from medsight.datasets import detect_layout, fingerprint, open_dataset, split_dataset
+from medsight.datasets import fingerprint, open_dataset, split_dataset
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 pytestmark = [
@@ -71,11 +69,6 @@ def test_brats2015_case_folders():
     assert facts["shapes"]["unique"] == [{"shape": [240, 240, 155], "cases": 1}]
     assert {v["value"] for v in facts["label_values"]} <= {0, 1, 2, 3, 4}
     assert facts["problems"] == []
-
-
-def test_tcia_series_folder_is_not_a_dataset():
-    with pytest.raises(MedsightError, match="no known dataset layout"):
-        detect_layout(DATA / "tcia-pgbm-001")
 
 
 def test_cli_inspect_real_monuseg():

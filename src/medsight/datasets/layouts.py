@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medsight.datasets import decathlon, folders, manifest
+from medsight.datasets import decathlon, dicom_study, folders, manifest
 from medsight.datasets.base import Dataset
 from medsight.errors import MedsightError
 
@@ -41,6 +41,8 @@ LAYOUTS: dict[str, Layout] = {
                folders.is_lvit, folders.open_lvit),
         Layout("csv", "CSV manifest with image[,label,text,split] columns", manifest.is_manifest,
                manifest.open_manifest),
+        Layout("dicom-study", "DICOM series folders: one study (case), or one study folder per patient",
+               dicom_study.is_dicom_study, dicom_study.open_dicom_study),
         Layout("case-folders", "one folder per case (BraTS style), optional split folders",
                folders.is_case_folders, folders.open_case_folders),
     )
@@ -57,7 +59,7 @@ def detect_layout(path: str | Path) -> str:
             return layout.name
     raise MedsightError(
         "no known dataset layout here (looked for dataset.json, LViT Train_Folder/img, a CSV manifest with an "
-        "'image' column, or case folders holding scan files); pass --layout to say which it is",
+        "'image' column, DICOM series folders, or case folders holding scan files); pass --layout to say which it is",
         path,
     )
 
