@@ -68,7 +68,8 @@ def train(
             overwrite=overwrite,
         )
     )
-    typer.echo(f"best validation mean Dice {summary['best_val_mean_dice']:.4f}  ->  {summary['best']}")
+    if summary["rank"] == 0:
+        typer.echo(f"best validation mean Dice {summary['best_val_mean_dice']:.4f}  ->  {summary['best']}")
 
 
 def predict(

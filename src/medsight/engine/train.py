@@ -322,6 +322,7 @@ def train(cfg: TrainConfig, return_model: bool = False):
         "val_ids": data["val_ids"],
         "best": str(best_path),
         "last": str(last_path),
+        "rank": rank,  # only rank 0 validates: the others know no Dice
     }
     if rank == 0:
         from medsight.io import write_text
