@@ -12,6 +12,8 @@ from pathlib import Path
 
 from medsight.errors import MedsightError
 
+DEMO_FOLDERS = ("phantom", "run", "predictions", "reference", "images", "evaluation")
+
 
 def run_demo(
     out: str | Path, cases: int = 16, epochs: int = 20, iters_per_epoch: int = 40, overwrite: bool = False
@@ -28,7 +30,9 @@ def run_demo(
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise MedsightError("is not empty; pass --overwrite to replace the demo output", out)
-        shutil.rmtree(out)
+        # remove only what a previous demo wrote: --overwrite pointed at the wrong folder must not wipe it
+        for sub in DEMO_FOLDERS:
+            shutil.rmtree(out / sub, ignore_errors=True)
     data = out / "phantom"
 
     print(f"1/5 writing {cases} phantom volumes to {data}")
@@ -59,7 +63,7 @@ def run_demo(
     print(f"4/5 segmenting the {len(summary['val_ids'])} validation cases")
     predictor = Predictor(summary["best"])
     for sub in ("predictions", "reference", "images"):
-        (out / sub).mkdir()
+        (out / sub).mkdir(parents=True)
     for cid in summary["val_ids"]:
         case = dataset.case(cid)
         image, _ = dataset.load_case(case)
@@ -69,12 +73,8 @@ def run_demo(
         shutil.copy(case.images[0], out / "images" / f"{cid}.nii.gz")
 
     print("5/5 evaluating and writing the report")
-    result = evaluate_folders(
-        out / "predictions",
-        out / "reference",
-        labels=dataset.labels and {k: v for k, v in dataset.labels.items() if k},
-        progress=False,
-    )
+    names = {value: name for value, name in predictor.labels.items() if value}
+    result = evaluate_folders(out / "predictions", out / "reference", labels=names, progress=False)
     result.write(out / "evaluation")
     page = write_report(result, out / "evaluation", images_dir=out / "images")
     print(result.summary_markdown())

@@ -214,13 +214,11 @@ def train(cfg: TrainConfig, return_model: bool = False):
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
 
-    train_work = [
-        (
-            to_working(x, pre.slice_axis) if kind != "3d" else x,
-            to_working(y[None], pre.slice_axis)[0] if kind != "3d" else y,
-        )
-        for x, y in data["train"]
-    ]
+    train_work = data["train"]
+    if kind != "3d":  # slice-wise samplers want the slice axis last
+        train_work = [
+            (to_working(x, pre.slice_axis), to_working(y[None], pre.slice_axis)[0]) for x, y in train_work
+        ]
     patch = patch_size(kind, [y.shape for _, y in data["train"]], pre.slice_axis)
     payload_base = {
         "model": {"name": cfg.method, "kind": kind, "slices": slices, "kwargs": model_kwargs},
