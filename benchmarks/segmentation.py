@@ -38,9 +38,7 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def run_method(
-    method: str, data: Path, out: Path, args, seed: int | None = None, minutes: float | None = None
-) -> dict:
+def run_method(method: str, data: Path, out: Path, args, seed: int | None = None) -> dict:
     from medsight.datasets import open_dataset
     from medsight.engine.infer import Predictor
     from medsight.engine.train import TrainConfig, train
@@ -51,7 +49,8 @@ def run_method(
         method=method, data=str(data), out=str(out / f"{method}-seed{args.seed if seed is None else seed}"),
         epochs=args.epochs, iters_per_epoch=args.iters, batch_size=args.batch_size if method != "unet3d" else 2,
         seed=args.seed if seed is None else seed, split_seed=args.seed, patience=args.epochs,
-        time_limit_minutes=args.minutes if minutes is None else minutes, max_val_cases=args.val_cases_per_epoch, overwrite=True,
+        time_limit_minutes=args.minutes, max_val_cases=args.val_cases_per_epoch, overwrite=True,
+        augmentation=args.augmentation, class_weights=args.class_weights,
         progress=not args.quiet,
     )  # fmt: skip
     summary = train(cfg)
@@ -150,16 +149,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", type=Path, default=SHARED / "hippocampus")
     parser.add_argument("--brats", type=Path, default=SHARED / "brats2015")
     parser.add_argument("--methods", default="unet2d,context25d,unet3d")
-    parser.add_argument("--minutes", type=float, default=20.0, help="training budget per method")
+    parser.add_argument("--minutes", type=float, default=15.0, help="training budget per method")
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--val-cases-per-epoch", type=int, default=10)
+    parser.add_argument("--augmentation", default="spatial", choices=["none", "intensity", "spatial"])
+    parser.add_argument("--class-weights", default="auto", choices=["auto", "none"])
     parser.add_argument("--seed", type=int, default=0, help="split seed, and training seed of the main runs")
     parser.add_argument(
         "--spread-seeds", default="1,2", help="extra context25d training seeds for the spread"
     )
-    parser.add_argument("--spread-minutes", type=float, default=8.0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument(
         "--runs", type=Path, default=None, help="where checkpoints go (default: a temp folder)"
@@ -167,8 +167,17 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run on a phantom; writes segmentation-quick.json"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; one keeps timings steady when other work shares the 2 cores",
+    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     runs = args.runs or Path(tempfile.mkdtemp(prefix="medsight-bench-"))
     if args.quick:
@@ -185,18 +194,17 @@ def main(argv=None) -> dict:
     }
     for method in args.methods.split(","):
         results["methods"][method] = run_method(method, args.data, runs, args)
-    if args.spread_seeds and not args.quick:
-        runs_by_seed = {args.seed: None}
-        runs_by_seed.update({int(s): None for s in args.spread_seeds.split(",")})
-        for seed in runs_by_seed:
-            r = run_method(
-                "context25d", args.data, runs / "spread", args, seed=seed, minutes=args.spread_minutes
-            )
-            runs_by_seed[seed] = r["mean_dice"]
+    if args.spread_seeds and not args.quick and "context25d" in results["methods"]:
+        # The main run is the spread's first seed; the others train on the same split and budget.
+        runs_by_seed = {args.seed: results["methods"]["context25d"]["mean_dice"]}
+        for seed in (int(s) for s in args.spread_seeds.split(",")):
+            runs_by_seed[seed] = run_method("context25d", args.data, runs / "spread", args, seed=seed)[
+                "mean_dice"
+            ]
         scores = list(runs_by_seed.values())
         results["seed_spread"] = {
             "method": "context25d",
-            "budget_minutes": args.spread_minutes,
+            "budget_minutes": args.minutes,
             "mean_dice_by_seed": runs_by_seed,
             "mean": float(np.mean(scores)),
             "std": float(np.std(scores)),

@@ -39,6 +39,12 @@ def train(
     time_limit: float = typer.Option(
         None, help="Wall-clock budget in minutes; stops after the epoch that passes it."
     ),
+    augmentation: str = typer.Option(
+        "spatial", help="none, intensity, or spatial (rotation and scaling on top of intensity)."
+    ),
+    class_weights: str = typer.Option(
+        "auto", help="auto (log-damped inverse class frequency in the cross-entropy) or none."
+    ),
     layout: str = typer.Option(None, help="Force a dataset layout instead of detecting it."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
@@ -64,6 +70,8 @@ def train(
             patience=patience,
             max_val_cases=max_val_cases,
             time_limit_minutes=time_limit,
+            augmentation=augmentation,
+            class_weights=class_weights,
             resume=resume,
             overwrite=overwrite,
         )

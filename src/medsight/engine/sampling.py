@@ -91,15 +91,3 @@ class PatchSampler:
     def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = zip(*(self.sample() for _ in range(size)), strict=True)
         return np.stack(xs).astype(np.float32), np.stack(ys).astype(np.int64)
-
-
-def augment(x: np.ndarray, rng) -> np.ndarray:
-    """Intensity augmentation per sample (scale, shift, Gaussian noise), the nnU-Net defaults' spirit;
-    no spatial flips, because some label sets (anterior/posterior) are defined by direction."""
-    n = x.shape[0]
-    shape = (n,) + (1,) * (x.ndim - 1)
-    x = x * rng.uniform(0.9, 1.1, shape).astype(np.float32) + rng.uniform(-0.1, 0.1, shape).astype(np.float32)
-    noisy = rng.random(n) < 0.15
-    if noisy.any():
-        x[noisy] += rng.normal(0, rng.uniform(0, 0.1), x[noisy].shape).astype(np.float32)
-    return x

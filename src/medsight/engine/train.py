@@ -36,6 +36,8 @@ class TrainConfig:
     lr: float = 2e-3
     slices: int = 5
     patience: int = 10  # epochs without a better validation Dice before stopping
+    augmentation: str = "spatial"  # "none", "intensity" or "spatial" (rotation and scaling too)
+    class_weights: str = "auto"  # "auto": log-damped inverse frequency; "none": plain cross-entropy
     max_val_cases: int | None = None
     time_limit_minutes: float | None = None  # a wall-clock budget: stop after the epoch that passes it
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -161,8 +163,9 @@ def train(cfg: TrainConfig, return_model: bool = False):
     from tqdm import tqdm
 
     from medsight.engine import checkpoint
+    from medsight.engine.augment import Augmenter
     from medsight.engine.infer import probabilities
-    from medsight.engine.sampling import PatchSampler, augment, to_working
+    from medsight.engine.sampling import PatchSampler, to_working
     from medsight.losses import WeightedCEDiceLoss
     from medsight.models.registry import MODELS, build_model
 
@@ -191,12 +194,20 @@ def train(cfg: TrainConfig, return_model: bool = False):
     model = build_model(cfg.method, **model_kwargs)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     total_iters = cfg.epochs * cfg.iters_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda it: (1 - min(it, total_iters - 1) / total_iters) ** 0.9
-    )
-    loss_fn = WeightedCEDiceLoss(
-        n_classes, class_weights=class_weights([y for _, y in data["train"]], n_classes)
-    )
+    budget = 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
+
+    def poly_lr(iteration: int, elapsed: float) -> float:
+        """Poly decay over whichever runs out first, the epochs or the time budget, so a run cut
+        short by its budget still ends on a small learning rate."""
+        progress = iteration / total_iters
+        if budget:
+            progress = max(progress, elapsed / budget)
+        return cfg.lr * (1 - min(progress, 0.999)) ** 0.9
+
+    if cfg.class_weights not in ("auto", "none"):
+        raise MedsightError(f"class_weights must be 'auto' or 'none', not {cfg.class_weights!r}")
+    weights = class_weights([y for _, y in data["train"]], n_classes) if cfg.class_weights == "auto" else None
+    loss_fn = WeightedCEDiceLoss(n_classes, class_weights=weights)
 
     history: list[dict[str, Any]] = []
     best, first_epoch, stale = -1.0, 0, 0
@@ -204,7 +215,7 @@ def train(cfg: TrainConfig, return_model: bool = False):
         state = checkpoint.load(last_path, method=cfg.method)
         model.load_state_dict(state["state_dict"])
         optimiser.load_state_dict(state["training"]["optimiser"])
-        scheduler.load_state_dict(state["training"]["scheduler"])
+        start -= state["training"]["elapsed"]  # the time budget covers the whole run, not each leg
         history, best = state["training"]["history"], state["training"]["best"]
         first_epoch, stale = state["training"]["epoch"] + 1, state["training"]["stale"]
         if rank == 0:
@@ -220,6 +231,7 @@ def train(cfg: TrainConfig, return_model: bool = False):
             (to_working(x, pre.slice_axis), to_working(y[None], pre.slice_axis)[0]) for x, y in train_work
         ]
     patch = patch_size(kind, [y.shape for _, y in data["train"]], pre.slice_axis)
+    augmenter = Augmenter(kind, cfg.augmentation, patch)
     payload_base = {
         "model": {"name": cfg.method, "kind": kind, "slices": slices, "kwargs": model_kwargs},
         "labels": {int(k): v for k, v in labels.items()},
@@ -244,6 +256,9 @@ def train(cfg: TrainConfig, return_model: bool = False):
         sampler = PatchSampler(
             [x for x, _ in train_work], [y for _, y in train_work], kind, patch, slices, rng
         )
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        if world > 1:  # every process must step with the same learning rate
+            torch.distributed.broadcast(elapsed, src=0)
         model.train()
         losses = []
         bar = tqdm(
@@ -252,13 +267,15 @@ def train(cfg: TrainConfig, return_model: bool = False):
             disable=not cfg.progress or rank != 0,
             leave=False,
         )
-        for _ in bar:
-            x, y = sampler.batch(cfg.batch_size)
-            loss = loss_fn(net(torch.from_numpy(augment(x, rng))), torch.from_numpy(y))
+        for step in bar:
+            lr = poly_lr(epoch * cfg.iters_per_epoch + step, elapsed.item())
+            for group in optimiser.param_groups:
+                group["lr"] = lr
+            x, y = augmenter(*sampler.batch(cfg.batch_size), rng)
+            loss = loss_fn(net(torch.from_numpy(x)), torch.from_numpy(y))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            scheduler.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
 
@@ -279,7 +296,7 @@ def train(cfg: TrainConfig, return_model: bool = False):
                     f"val_dice_{labels[v]}": float(d)
                     for v, d in zip(list(labels)[1:], per_class, strict=True)
                 },
-                "lr": float(scheduler.get_last_lr()[0]),
+                "lr": lr,
                 "seconds": round(time.perf_counter() - start, 1),
             }
             history.append(record)
@@ -288,7 +305,7 @@ def train(cfg: TrainConfig, return_model: bool = False):
             training_state = {
                 "epoch": epoch,
                 "optimiser": optimiser.state_dict(),
-                "scheduler": scheduler.state_dict(),
+                "elapsed": time.perf_counter() - start,
                 "history": history,
                 "best": best,
                 "stale": stale,
