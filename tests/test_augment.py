@@ -1,4 +1,5 @@
-"""Training augmentation: labels stay labels, image and label move together, stacks move as one."""
+"""Training inputs: augmentation (labels stay labels, image and label move together, stacks move as
+one) and class-balanced foreground sampling."""
 
 from __future__ import annotations
 
@@ -70,3 +71,19 @@ def test_level_none_is_the_identity_and_unknown_levels_are_refused():
     assert xa is x and ya is y
     with pytest.raises(ValueError, match="augmentation level"):
         Augmenter("2d", "elastic-only")
+
+
+def test_foreground_samples_are_balanced_over_classes():
+    from medsight.engine.sampling import PatchSampler
+
+    label = np.zeros((40, 40, 40), np.int64)
+    label[5:35, 5:35, 5:35] = 1  # 27,000 voxels
+    label[1:3, 1:3, 1:3] = 2  # 8 voxels
+    sampler = PatchSampler(
+        [np.zeros((1, 40, 40, 40), np.float32)], [label], "3d", (16, 16, 16), 1,
+        np.random.default_rng(0), fg_fraction=1.0,
+    )  # fmt: skip
+    centres = [sampler._centre(0) for _ in range(400)]
+    on_small = np.mean([label[tuple(c)] == 2 for c in centres])
+    # drawn by voxel count the small class would get 8 / 27,008 of the centres; by class, half
+    assert 0.4 < on_small < 0.6

@@ -43,18 +43,23 @@ def pad_to(array: np.ndarray, shape: tuple[int, ...], value: float = 0.0) -> np.
 
 
 class PatchSampler:
-    """Random training inputs from in-memory volumes, with nnU-Net-style foreground oversampling."""
+    """Random training inputs from in-memory volumes, with nnU-Net-style foreground oversampling:
+    a third of the samples are centred on a foreground voxel of a class drawn uniformly from those
+    present, so a small class (a lesion beside a large organ) is seen as often as the large one."""
 
     def __init__(self, images, labels, kind: str, patch: tuple[int, ...], slices: int, rng, fg_fraction=0.33):
         self.images, self.labels = images, labels
         self.kind, self.patch, self.slices, self.rng = kind, tuple(patch), slices, rng
         self.fg_fraction = fg_fraction
-        self.fg_voxels = [np.argwhere(lab > 0) for lab in labels]
+        self.fg_voxels = [
+            [np.argwhere(lab == value) for value in np.unique(lab) if value > 0] for lab in labels
+        ]
 
     def _centre(self, v: int) -> np.ndarray | None:
-        fg = self.fg_voxels[v]
-        if len(fg) and self.rng.random() < self.fg_fraction:
-            return fg[self.rng.integers(len(fg))]
+        by_class = self.fg_voxels[v]
+        if by_class and self.rng.random() < self.fg_fraction:
+            voxels = by_class[self.rng.integers(len(by_class))]
+            return voxels[self.rng.integers(len(voxels))]
         return None
 
     def _crop_start(self, size: int, patch: int, centre: int | None) -> int:
