@@ -22,7 +22,12 @@ def train(
     data: Path = typer.Option(
         ..., "--data", help="Dataset folder in any supported layout (see `medsight data inspect`)."
     ),
-    method: str = typer.Option("context25d", "--method", help="unet2d, context25d or unet3d."),
+    method: str = typer.Option(
+        "context25d",
+        "--method",
+        help="unet2d, context25d, unet3d; or fewshot-prototype, fewshot-local-prototype, "
+        "fewshot-conditional (self-supervised: labels are ignored, see `medsight fewshot`).",
+    ),
     out: Path = typer.Option(
         Path("runs/train"), "-o", "--out", help="Run folder: checkpoints, metrics.csv, curve."
     ),
@@ -50,6 +55,17 @@ def train(
     overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
 ) -> None:
     """Train a segmentation model; under torchrun it trains on every process (DDP)."""
+    if method.startswith("fewshot-"):
+        from medsight.tasks.fewshot import FewShotConfig, train_fewshot
+
+        summary = train_fewshot(
+            FewShotConfig(
+                data=str(data), out=str(out), method=method, layout=layout, seed=seed,
+                time_limit_minutes=time_limit, max_steps=epochs * iters_per_epoch, overwrite=overwrite,
+            )
+        )  # fmt: skip
+        typer.echo(f"self-supervised {method}: {summary['steps']} episodes  ->  {summary['checkpoint']}")
+        return
     from medsight.engine.train import TrainConfig
     from medsight.engine.train import train as run
 

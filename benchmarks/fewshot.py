@@ -1,0 +1,365 @@
+"""Few-shot benchmark: three heads trained without labels vs a supervised unet2d trained on the supports.
+
+    python benchmarks/fewshot.py                 # hippocampus + BraTS from ../shared/data (~60 min, 2 cores)
+    python benchmarks/fewshot.py --quick         # smoke run on a phantom written to a temp folder
+
+Training (per head, ``--minutes`` each): self-supervised superpixel episodes on the hippocampus
+images outside the evaluation lists plus the BraTS FLAIR volumes (images only; no label file is
+opened). BraTS has four patients only, so their FLAIR images (never their labels) are among the
+unlabeled training slices: the BraTS figures are transductive, the hippocampus ones are not.
+
+Evaluation, with case lists fixed by ``--seed`` and written to the results:
+- hippocampus: 5 support candidates and 30 disjoint query cases; structures ``whole`` (labels 1+2),
+  ``anterior`` (1), ``posterior`` (2); k-shot uses the first k candidates; chunk protocol with 3
+  chunks and the query slice range taken from the support (no query label is used).
+- BraTS whole tumour (labels > 0), FLAIR: each patient in turn is the query, supports are the other
+  patients (1-shot: the next one; k-shot: k of the others, at most 3); and slice propagation within
+  each patient from its middle tumour slice (``brats/whole-tumour-propagation``).
+- ``supervised-unet2d``: medsight's unet2d with WeightedCEDiceLoss trained briefly on the support
+  volume(s) only (all their slices, the same normalisation) and applied slice by slice.
+Metrics: Dice and HD95 (mm) from ``medsight.evaluate.segmentation_metrics``, seconds per query.
+Writes ``fewshot.json`` and ``fewshot.md`` (``fewshot-quick.*`` with ``--quick``) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+HEADS = ("prototype", "local-prototype", "conditional")
+METHODS = (*HEADS, "supervised-unet2d")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=12.0, help="training budget per head")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run on a phantom")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--runs", type=Path, default=None, help="where checkpoints go (default: a temp folder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=64, help="working slice size")
+    p.add_argument("--supports", type=int, default=5)
+    p.add_argument("--queries", type=int, default=30)
+    p.add_argument("--supervised-seconds", type=float, default=40.0, help="unet2d budget per support set")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+# -- data ------------------------------------------------------------------------------------------
+def binary(label_scan, values):
+    return label_scan.with_array(np.isin(label_scan.array, values).astype(np.uint8))
+
+
+def load_cases(dataset, ids, channel=0):
+    out = {}
+    for cid in ids:
+        image, label = dataset.load_case(dataset.case(cid))
+        out[cid] = (image.with_array(image.array[channel : channel + 1]), label)
+    return out
+
+
+# -- supervised baseline ---------------------------------------------------------------------------
+def train_unet2d(pairs, slice_axis, seconds, seed, only_slices=None):
+    """unet2d on the support volumes' slices (or the given slices); returns a predict(image) function."""
+    import torch
+
+    from medsight.losses import WeightedCEDiceLoss
+    from medsight.models.registry import build_model
+    from medsight.tasks.fewshot import from_slices, normalise_intensity, to_slices
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for k, (image, mask) in enumerate(pairs):
+        x = to_slices(normalise_intensity(image.array), slice_axis)
+        y = to_slices(mask.array > 0, slice_axis)[:, 0].astype(np.int64)
+        keep = np.arange(len(x)) if only_slices is None else np.asarray(only_slices[k])
+        xs.append(x[keep])
+        ys.append(y[keep])
+    shape = np.max([x.shape[-2:] for x in xs], axis=0)
+
+    def pad(a, value=0):
+        return np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, shape[0] - a.shape[-2]), (0, shape[1] - a.shape[-1])],
+                      constant_values=value)  # fmt: skip
+
+    x_all = np.concatenate([pad(x) for x in xs]).astype(np.float32)
+    y_all = np.concatenate([pad(y) for y in ys])
+    fg = np.flatnonzero(y_all.reshape(len(y_all), -1).any(1))
+    model = build_model("unet2d", 1, 2, channels=(16, 32, 64), strides=(2, 2))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    loss_fn = WeightedCEDiceLoss(2, class_weights="auto")
+    start, steps = time.perf_counter(), 0
+    model.train()
+    while time.perf_counter() - start < seconds:
+        pick = rng.choice(fg if len(fg) and rng.random() < 0.67 else len(x_all), size=8)
+        xb, yb = x_all[pick].copy(), y_all[pick].copy()
+        for i in range(len(pick)):  # flips and noise: cheap augmentation for a one-case training set
+            if rng.random() < 0.5:
+                xb[i], yb[i] = xb[i][..., ::-1], yb[i][..., ::-1]
+            xb[i] += rng.normal(0, 0.05, xb[i].shape)
+        loss = loss_fn(
+            model(torch.from_numpy(np.ascontiguousarray(xb))), torch.from_numpy(np.ascontiguousarray(yb))
+        )
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        steps += 1
+    model.eval()
+
+    def predict(image):
+        x = to_slices(normalise_intensity(image.array), slice_axis).astype(np.float32)
+        with torch.no_grad():
+            pred = np.concatenate(
+                [model(torch.from_numpy(x[i : i + 32])).argmax(1).numpy() for i in range(0, len(x), 32)]
+            )
+        return image.with_array(from_slices(pred.astype(np.uint8), slice_axis, image.ndim)[None])
+
+    predict.steps = steps
+    return predict
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+def score(masks_and_refs, times, support_ids, query_ids):
+    from medsight.evaluate import segmentation_metrics
+
+    dice, hd95 = [], []
+    for pred, ref, spacing in masks_and_refs:
+        m = segmentation_metrics(pred.array[0] > 0, ref.array[0] > 0, spacing, {1: "s"})["s"]
+        dice.append(m["dice"])
+        hd95.append(m["hd95_mm"])
+    finite = [h for h in hd95 if h is not None and np.isfinite(h)]
+    return {
+        "mean_dice": round(float(np.mean(dice)), 4),
+        "std_dice": round(float(np.std(dice)), 4),
+        "hd95_mm": round(float(np.mean(finite)), 3) if finite else None,
+        "seconds_per_query": round(float(np.mean(times)), 4),
+        "support_ids": list(support_ids),
+        "query_ids": list(query_ids),
+        "dice_per_query": [round(float(d), 4) for d in dice],
+    }
+
+
+def run_fewshot(predictor, supports, queries, structure_values, support_ids, query_ids):
+    rows, times = [], []
+    pairs = [(img, binary(lab, structure_values)) for img, lab in supports]
+    for image, label in queries:
+        t0 = time.perf_counter()
+        pred = predictor.segment(pairs, image)
+        times.append(time.perf_counter() - t0)
+        rows.append((pred, binary(label, structure_values), image.spacing))
+    return score(rows, times, support_ids, query_ids)
+
+
+def run_supervised(supports, queries, structure_values, support_ids, query_ids, args):
+    pairs = [(img, binary(lab, structure_values)) for img, lab in supports]
+    predict = train_unet2d(pairs, 2, args.supervised_seconds, args.seed)
+    rows, times = [], []
+    for image, label in queries:
+        t0 = time.perf_counter()
+        pred = predict(image)
+        times.append(time.perf_counter() - t0)
+        rows.append((pred, binary(label, structure_values), image.spacing))
+    result = score(rows, times, support_ids, query_ids)
+    result["train_steps"] = predict.steps
+    return result
+
+
+def middle_slice(mask_array, axis=2):
+    filled = np.flatnonzero(np.moveaxis(mask_array, axis, 0).reshape(mask_array.shape[axis], -1).any(1))
+    return int(filled[len(filled) // 2])
+
+
+def run_propagation(predictors, cases, values, args):
+    """Per patient: annotate the middle slice of the structure, complete the volume."""
+    results = {}
+    for method in METHODS:
+        rows, times = [], []
+        for image, label in cases.values():
+            ref = binary(label, values)
+            z = middle_slice(ref.array[0])
+            partial = np.zeros_like(ref.array)
+            partial[..., z] = ref.array[..., z]
+            t0 = time.perf_counter()
+            if method == "supervised-unet2d":
+                predict = train_unet2d(
+                    [(image, ref)], 2, args.supervised_seconds / 4, args.seed, only_slices=[[z]]
+                )
+                t0 = time.perf_counter()
+                pred = predict(image)
+                pred.array[..., z] = partial[..., z]
+            else:
+                pred = predictors[method].propagate(image, ref.with_array(partial))
+            times.append(time.perf_counter() - t0)
+            rows.append((pred, ref, image.spacing))
+        ids = list(cases)
+        results[method] = {"1": score(rows, times, ids, ids)}
+    return results
+
+
+# -- main ------------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    args = parse(argv)
+    import torch
+
+    log = (lambda *a: None) if args.quiet else print
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return run(args, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args, log) -> dict:
+    from medsight.datasets import open_dataset
+    from medsight.tasks.fewshot import FewShotConfig, FewShotPredictor, train_fewshot
+
+    tmp = tempfile.TemporaryDirectory()
+    runs = args.runs or Path(tmp.name) / "runs"
+    rng = np.random.default_rng(args.seed)
+    if args.quick:
+        from medsight.datasets.phantom import write_phantom_dataset
+
+        data = write_phantom_dataset(Path(tmp.name) / "phantom", 6, seed=args.seed)
+        dataset = open_dataset(data)
+        structures = {"phantom/cyst": [1], "phantom/tumour": [3]}
+        n_supports, n_queries, shots = 2, 2, (1, 2)
+        sources, channels, brats = [str(data)], None, None
+        train_kw = {"max_steps": 15, "log_every": 5}
+        args.supervised_seconds = min(args.supervised_seconds, 2.0)
+    else:
+        dataset = open_dataset(SHARED / "hippocampus")
+        structures = {"hippocampus/whole": [1, 2], "hippocampus/anterior": [1], "hippocampus/posterior": [2]}
+        n_supports, n_queries, shots = args.supports, args.queries, (1, 5)
+        brats = SHARED / "brats2015"
+        sources, channels = [str(SHARED / "hippocampus"), str(brats)], [0]
+        train_kw = {"time_limit_minutes": args.minutes}
+    order = [dataset.case_ids[i] for i in rng.permutation(len(dataset.case_ids))]
+    support_ids, query_ids = order[:n_supports], order[n_supports : n_supports + n_queries]
+
+    training = {}
+    predictors = {}
+    for head in HEADS:
+        log(f"training {head} ...")
+        summary = train_fewshot(
+            FewShotConfig(
+                data=sources, out=str(runs / head), method=f"fewshot-{head}", channels=channels, size=args.size,
+                seed=args.seed, exclude_ids=support_ids + query_ids, overwrite=True, progress=not args.quiet,
+                **train_kw,
+            )
+        )  # fmt: skip
+        training[head] = {k: v for k, v in summary.items() if k != "case_ids"}
+        predictors[head] = FewShotPredictor(summary["checkpoint"])
+
+    supports = load_cases(dataset, support_ids)
+    queries = load_cases(dataset, query_ids)
+    results: dict[str, dict] = {}
+    for structure, values in structures.items():
+        results[structure] = {}
+        for method in METHODS:
+            results[structure][method] = {}
+            for k in shots:
+                ids = support_ids[:k]
+                sup = [supports[c] for c in ids]
+                if method == "supervised-unet2d":
+                    figures = run_supervised(sup, list(queries.values()), values, ids, query_ids, args)
+                else:
+                    figures = run_fewshot(
+                        predictors[method], sup, list(queries.values()), values, ids, query_ids
+                    )
+                results[structure][method][str(k)] = figures
+                log(f"{structure:28s} {method:18s} {k}-shot Dice {figures['mean_dice']:.3f}")
+
+    notes = []
+    if brats is not None and brats.exists():
+        bdata = open_dataset(brats)
+        patients = sorted(bdata.case_ids)
+        cases = load_cases(bdata, patients)
+        results["brats/whole-tumour"] = {}
+        for method in METHODS:
+            results["brats/whole-tumour"][method] = {}
+            for k in (1, len(patients) - 1):
+                per_query, sup_ids = [], []
+                for i, q in enumerate(patients):
+                    others = [patients[(i + j) % len(patients)] for j in range(1, k + 1)]
+                    sup_ids.append(others)
+                    sup = [cases[c] for c in others]
+                    if method == "supervised-unet2d":
+                        per_query.append(run_supervised(sup, [cases[q]], [1, 2, 3, 4], others, [q], args))
+                    else:
+                        per_query.append(
+                            run_fewshot(predictors[method], sup, [cases[q]], [1, 2, 3, 4], others, [q])
+                        )
+                results["brats/whole-tumour"][method][str(k)] = {
+                    "mean_dice": round(float(np.mean([r["mean_dice"] for r in per_query])), 4),
+                    "hd95_mm": round(
+                        float(np.mean([r["hd95_mm"] for r in per_query if r["hd95_mm"] is not None])), 3
+                    ),
+                    "seconds_per_query": round(
+                        float(np.mean([r["seconds_per_query"] for r in per_query])), 4
+                    ),
+                    "support_ids": sup_ids,
+                    "query_ids": patients,
+                }
+            results["brats/whole-tumour"][method]["5"] = {
+                "skipped": "4 BraTS patients: at most 3 supports per query"
+            }
+        results["brats/whole-tumour-propagation"] = run_propagation(predictors, cases, [1, 2, 3, 4], args)
+        notes.append("BraTS: FLAIR only; its unlabeled FLAIR volumes were part of self-supervised training.")
+    elif brats is not None:
+        notes.append(f"BraTS skipped: {brats} not found")
+
+    report = {
+        "benchmark": "fewshot",
+        "quick": args.quick,
+        "settings": {
+            "minutes_per_head": None if args.quick else args.minutes,
+            "size": args.size,
+            "seed": args.seed,
+            "slice_axis": 2,
+            "chunks": 3,
+            "query_range": "support range mapped proportionally (no query labels)",
+            "supervised_seconds": args.supervised_seconds,
+        },  # fmt: skip
+        "training": training,
+        "support_ids": support_ids,
+        "query_ids": query_ids,
+        "results": results,
+        "notes": notes,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "fewshot-quick" if args.quick else "fewshot"
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (args.out / f"{name}.md").write_text(markdown(report))
+    tmp.cleanup()
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "| dataset/structure | method | shots | Dice | HD95 (mm) | s/query |",
+        "|---|---|---|---|---|---|",
+    ]
+    for structure, methods in report["results"].items():
+        for method, per_shot in methods.items():
+            for k, f in per_shot.items():
+                if "skipped" in f:
+                    continue
+                hd = "n/a" if f.get("hd95_mm") is None else f"{f['hd95_mm']:.2f}"
+                lines.append(
+                    f"| {structure} | {method} | {k} | {f['mean_dice']:.3f} | {hd} | {f['seconds_per_query']:.3f} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

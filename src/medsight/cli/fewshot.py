@@ -1,0 +1,121 @@
+"""`medsight fewshot`: segment a structure from annotated examples given at run time (no training).
+
+``--support IMG MASK`` takes two paths and repeats (k-shot). Typer cannot declare a repeated
+two-value option, so the command reads its free arguments itself: every ``--support`` consumes
+the next two, everything else is a query.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+SUPPORT_FLAG = "--support"
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "fewshot",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(fewshot)
+
+
+def split_support(tokens: list[str]) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """``['--support', img, mask, q1, ...]`` -> ``([(img, mask)], [q1, ...])``."""
+    pairs, queries = [], []
+    i = 0
+    while i < len(tokens):
+        if tokens[i] == SUPPORT_FLAG:
+            if i + 2 >= len(tokens):
+                raise typer.BadParameter("--support needs two paths: IMG MASK")
+            image, mask = tokens[i + 1 : i + 3]
+            if image.startswith("--") or mask.startswith("--"):
+                raise typer.BadParameter("--support needs two paths: IMG MASK")
+            pairs.append((Path(image), Path(mask)))
+            i += 3
+        elif tokens[i].startswith("--"):
+            raise typer.BadParameter(f"unknown option {tokens[i]}")
+        else:
+            queries.append(Path(tokens[i]))
+            i += 1
+    return pairs, queries
+
+
+def output_name(path: Path, ndim: int) -> str:
+    from medsight.io import suffix_of
+
+    suffix = suffix_of(path) if path.is_file() else ""
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    return stem + (".png" if ndim == 2 else ".nii.gz")
+
+
+def fewshot(
+    ctx: typer.Context,
+    arguments: list[str] = typer.Argument(
+        None,
+        metavar="--support IMG MASK [--support IMG MASK ...] QUERY...",
+        help="Support pairs (image and its mask of the structure; repeat for k-shot) and the scans to segment.",
+        show_default=False,
+    ),
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint written by few-shot training."),
+    out: Path = typer.Option(
+        ..., "-o", "--out", help="Output folder: <query-name>.nii.gz (.png for 2D) masks."
+    ),
+    propagate: bool = typer.Option(
+        False,
+        "--propagate",
+        help="Slice propagation: complete each support volume from its annotated slice(s); no queries.",
+    ),
+    chunks: int = typer.Option(3, "--chunks", min=1, help="Chunks along the slice axis (volume protocol)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+) -> None:
+    """Segment QUERY scans with the structure marked in the support masks, or complete a partly
+    annotated volume (--propagate). Masks come out in each query's own geometry."""
+    import sys
+
+    from medsight.errors import MedsightError
+
+    tokens = list(arguments or []) + list(ctx.args)
+    pairs, queries = split_support(tokens)
+    if not pairs:
+        raise typer.BadParameter("give at least one --support IMG MASK")
+    if propagate and queries:
+        raise typer.BadParameter("with --propagate the support volumes are the queries; give no QUERY")
+    if not propagate and not queries:
+        raise typer.BadParameter("give at least one QUERY scan (or --propagate)")
+    try:
+        written = _run(model, pairs, queries, out, propagate, chunks, overwrite)
+    except MedsightError as err:
+        print(f"medsight: error: {err}", file=sys.stderr)
+        raise typer.Exit(2) from err
+    for path in written:
+        typer.echo(str(path))
+
+
+def _run(model, pairs, queries, out: Path, propagate: bool, chunks: int, overwrite: bool) -> list[Path]:
+    import numpy as np
+
+    from medsight import io
+    from medsight.errors import MedsightError
+    from medsight.tasks.fewshot import FewShotPredictor
+
+    predictor = FewShotPredictor(model)
+    support = [(io.read(image), io.read(mask)) for image, mask in pairs]
+    jobs = [(image.path, image, mask) for image, mask in support] if propagate else []
+    if not propagate:
+        jobs = [(path, io.read(path), None) for path in queries]
+    targets = [out / output_name(path, scan.ndim) for path, scan, _ in jobs]
+    if len(set(targets)) != len(targets):
+        raise MedsightError("two inputs share a name, so their outputs would collide", out)
+    for target in targets:
+        io.check_writable(target, overwrite)
+    written = []
+    for (_, scan, mask), target in zip(jobs, targets, strict=True):
+        result = (
+            predictor.propagate(scan, mask) if propagate else predictor.segment(support, scan, chunks=chunks)
+        )
+        if scan.ndim == 2:
+            result = result.with_array((result.array > 0).astype(np.uint8) * 255)
+        written.append(io.write(result, target, overwrite=overwrite))
+    return written

@@ -1,0 +1,1 @@
+"""Tasks: one module per method (its loss, training step and inference)."""

@@ -1,0 +1,563 @@
+"""Few-shot segmentation: self-supervised episodic training (no labels) and support-set inference.
+
+Training (:func:`train_fewshot`) reads only images, from any dataset layout medsight knows, a plain
+folder of scans, or single files; every 2D image or every slice of a volume (along
+``slice_axis``) becomes a training slice. Episodes come from superpixel pseudo-labels
+(:class:`medsight.transforms.EpisodeSampler`). The checkpoint records the head, the model
+arguments, the intensity normalisation, the slice axis and the working size.
+
+Preprocessing, identical at training and inference: each scan is normalised per channel over the
+whole scan (clip to its 0.5-99.5 percentiles, then z-score: ``Preprocessing.normalise``), cut into
+slices along ``slice_axis`` and each slice resized to ``size x size`` (bilinear); predictions are
+resized back to the slice's own shape, so masks come out in the query's geometry.
+
+Inference (:class:`FewShotPredictor`):
+
+- 2D images: every support (image, mask) is one shot; the query is segmented in one pass.
+- Volumes, chunk protocol (Roy et al. 2020, SSL-ALPNet): the support's labelled slice range
+  ``[s0, s1]`` (``n = s1 - s0 + 1`` slices) is split into ``chunks`` equal chunks, chunk ``c``
+  represented by its centre slice ``s0 + floor((c + 1/2) n / chunks)`` (the nearest labelled
+  slice if that one happens to be empty). The query range is the same fraction of the query's
+  slice axis as the support range is of the support's (``floor(s0 / N_s * N_q)`` to
+  ``ceil((s1 + 1) / N_s * N_q) - 1``; published protocols take it from the query's own labels,
+  which a user does not have; pass ``query_range`` to do that). Query slice ``q`` belongs to chunk
+  ``floor((q - q0) chunks / n_q)`` and is segmented with that chunk's support slice (with k
+  supports, the k centre slices are the k shots). Slices outside the query range are background.
+- Slice propagation inside one volume: the slices with a non-empty mask are the annotated ones;
+  every other slice is segmented with the nearest annotated slice as support. Walking away from
+  the annotations, once a slice comes out empty the slices beyond it stay empty
+  (``stop_at_empty``): a structure does not reappear after a gap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsight.errors import MedsightError
+from medsight.scan import Scan
+
+METHODS: dict[str, str] = {
+    "fewshot-prototype": "prototype",
+    "fewshot-local-prototype": "local-prototype",
+    "fewshot-conditional": "conditional",
+}
+NORMALISATION = {"name": "percentile-zscore", "clip_percentiles": [0.5, 99.5], "per": "scan and channel"}
+MIN_BODY_SHARE = 0.1  # slices with less non-background than this are skipped in training
+
+
+# -- preprocessing shared by training and inference ------------------------------------------------
+def normalise_intensity(array: np.ndarray) -> np.ndarray:
+    """Per channel, over the whole scan: clip to the 0.5-99.5 percentiles, then z-score."""
+    from medsight.engine.preprocess import Preprocessing
+
+    return Preprocessing(target_spacing=None).normalise(array)
+
+
+def to_slices(array: np.ndarray, slice_axis: int) -> np.ndarray:
+    """``(C, X, Y[, Z])`` -> ``(S, C, H, W)``: a 2D image is one slice; a volume is cut along ``slice_axis``."""
+    if array.ndim == 3:
+        return array[None]
+    return np.moveaxis(array, 1 + slice_axis, 0)
+
+
+def from_slices(slices: np.ndarray, slice_axis: int, ndim: int) -> np.ndarray:
+    """Inverse of :func:`to_slices` for ``(S, H, W)`` masks -> spatial ``(X, Y[, Z])``."""
+    return slices[0] if ndim == 2 else np.moveaxis(slices, 0, slice_axis)
+
+
+def resize(batch: np.ndarray, size: tuple[int, int]):
+    """``(N, C, H, W)`` float array -> torch tensor ``(N, C, *size)`` (bilinear, antialiased when shrinking)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+    if tuple(t.shape[-2:]) == tuple(size):
+        return t
+    return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+
+
+# -- chunk protocol ------------------------------------------------------------------------------
+def chunk_centres(lo: int, hi: int, chunks: int) -> list[int]:
+    """Centre slice of each of ``chunks`` equal chunks of ``lo..hi`` (inclusive)."""
+    n = hi - lo + 1
+    return [lo + (2 * c + 1) * n // (2 * chunks) for c in range(chunks)]
+
+
+def chunk_of(index: int, lo: int, hi: int, chunks: int) -> int:
+    """Which chunk of ``lo..hi`` slice ``index`` falls in."""
+    return (index - lo) * chunks // (hi - lo + 1)
+
+
+def matching_range(support_range: tuple[int, int], support_slices: int, query_slices: int) -> tuple[int, int]:
+    """The query slices at the same fraction of the slice axis as ``support_range`` of the support's."""
+    lo = math.floor(support_range[0] / support_slices * query_slices)
+    hi = math.ceil((support_range[1] + 1) / support_slices * query_slices) - 1
+    return max(0, lo), min(query_slices - 1, max(hi, lo))
+
+
+def chunk_plan(
+    support_range: tuple[int, int], query_range: tuple[int, int], chunks: int = 3
+) -> dict[int, int]:
+    """Query slice -> support slice for one support volume under the chunk protocol."""
+    if chunks < 1:
+        raise ValueError(f"chunks must be >= 1, got {chunks}")
+    centres = chunk_centres(*support_range, chunks)
+    q0, q1 = query_range
+    return {q: centres[chunk_of(q, q0, q1, chunks)] for q in range(q0, q1 + 1)}
+
+
+# -- training --------------------------------------------------------------------------------------
+@dataclass
+class FewShotConfig:
+    data: str | list[str]  # dataset folder(s) in any layout, plain folder(s) of scans, or scan files
+    out: str
+    method: str = "fewshot-local-prototype"
+    layout: str | None = None
+    layout_options: dict[str, Any] = field(default_factory=dict)
+    channels: list[int] | None = None  # image channels to use (default: all)
+    slice_axis: int = 2  # spatial axis volumes are sliced along
+    size: int = 64  # working size: every slice is resized to size x size
+    batch_size: int = 8  # episodes per step
+    lr: float = 1e-3
+    max_steps: int = 100_000
+    time_limit_minutes: float | None = None
+    seed: int = 0
+    include_ids: list[str] | None = None  # only these cases (default: all)
+    exclude_ids: list[str] = field(default_factory=list)  # e.g. the evaluation cases
+    superpixel_scale: float = 100.0
+    superpixel_sigma: float = 0.8
+    superpixel_min_size: int = 20  # pixels at working size
+    align_weight: float | None = None  # PANet alignment loss weight; default 1 for prototype, else 0
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    log_every: int = 25
+    overwrite: bool = False
+    progress: bool = True
+
+
+def _scan_files(folder: Path) -> list[Path]:
+    from medsight.io import FORMATS, suffix_of
+
+    readable = {s for fmt in FORMATS.values() for s in fmt.suffixes}
+    return sorted(p for p in folder.iterdir() if p.is_file() and suffix_of(p) in readable)
+
+
+def iter_images(source: str | Path, layout: str | None = None, layout_options: dict | None = None):
+    """``(case_id, image Scan)`` for every image of ``source``; labels are never read."""
+    from medsight import io
+    from medsight.datasets import open_dataset
+
+    path = Path(source)
+    if not path.exists():
+        raise MedsightError("no such file or folder", path)
+    if path.is_file():
+        yield path.name, io.read(path)
+        return
+    try:
+        dataset = open_dataset(path, layout, **(layout_options or {}))
+    except MedsightError:
+        if layout is not None:
+            raise
+        dataset = None
+    if dataset is not None:
+        for case in dataset.cases:
+            yield case.case_id, dataset.read_image(case)
+        return
+    files = _scan_files(path)
+    if not files:
+        raise MedsightError("no dataset layout and no scan files (NIfTI, PNG, NRRD, NumPy...) here", path)
+    for file in files:
+        yield file.name, io.read(file)
+
+
+def select_channels(scan: Scan, channels: list[int] | None) -> np.ndarray:
+    if channels is None:
+        return scan.array
+    if max(channels) >= scan.channels:
+        raise MedsightError(
+            f"has {scan.channels} channel(s); channel {max(channels)} was asked for", scan.path
+        )
+    return scan.array[list(channels)]
+
+
+def training_slices(scan: Scan, channels: list[int] | None, slice_axis: int, size: int):
+    """Normalised working-size slices ``(S, C, size, size)`` and body masks ``(S, size, size)``."""
+    from medsight.transforms import body_mask
+
+    array = select_channels(scan, channels)
+    body = to_slices(body_mask(array)[None].astype(np.float32), slice_axis)
+    slices = to_slices(normalise_intensity(array), slice_axis)
+    keep = body.reshape(len(body), -1).mean(1) >= MIN_BODY_SHARE
+    if not keep.any():
+        return None, None
+    images = resize(slices[keep], (size, size)).numpy()
+    bodies = resize(body[keep], (size, size)).numpy()[:, 0] > 0.5
+    return images, bodies
+
+
+def _segmentation_loss(logits, target):
+    """Cross-entropy plus soft Dice of the foreground (per episode, averaged)."""
+    import torch.nn.functional as F
+
+    ce = F.cross_entropy(logits, target)
+    p = logits.softmax(1)[:, 1]
+    g = (target == 1).to(p.dtype)
+    inter = (p * g).sum(dim=(1, 2))
+    dice = (2 * inter + 1) / (p.sum(dim=(1, 2)) + g.sum(dim=(1, 2)) + 1)
+    return ce + (1 - dice).mean()
+
+
+def train_fewshot(cfg: FewShotConfig) -> dict[str, Any]:
+    """Self-supervised episodic training; writes ``model.pt``, ``metrics.csv`` and ``summary.json``
+    into ``cfg.out`` and returns the summary."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from medsight.engine import checkpoint
+    from medsight.io import write_text
+    from medsight.models.fewshot import FewShotNet
+    from medsight.transforms import EpisodeSampler
+
+    if cfg.method not in METHODS:
+        raise MedsightError(f"unknown few-shot method '{cfg.method}'; choose one of {', '.join(METHODS)}")
+    head = METHODS[cfg.method]
+    out = Path(cfg.out)
+    ckpt_path = out / "model.pt"
+    if ckpt_path.exists() and not cfg.overwrite:
+        raise MedsightError("holds a trained model already; pass --overwrite to replace it", out)
+    start = time.perf_counter()
+    sources = [cfg.data] if isinstance(cfg.data, str | Path) else list(cfg.data)
+    chunks_img, chunks_body, case_ids, channel_counts = [], [], [], set()
+    excluded = set(cfg.exclude_ids)
+    for source in sources:
+        for case_id, scan in tqdm(
+            iter_images(source, cfg.layout, cfg.layout_options),
+            desc="reading images",
+            disable=not cfg.progress,
+            leave=False,
+        ):
+            if case_id in excluded or (cfg.include_ids is not None and case_id not in cfg.include_ids):
+                continue
+            images, bodies = training_slices(scan, cfg.channels, cfg.slice_axis, cfg.size)
+            if images is None:
+                continue
+            channel_counts.add(images.shape[1])
+            if len(channel_counts) > 1:
+                raise MedsightError(
+                    f"images have different channel counts {sorted(channel_counts)}; choose channels",
+                    scan.path,
+                )
+            chunks_img.append(images)
+            chunks_body.append(bodies)
+            case_ids.append(case_id)
+    if not chunks_img:
+        raise MedsightError("no usable training images (all excluded, empty or background)", sources[0])
+    slices, bodies = np.concatenate(chunks_img), np.concatenate(chunks_body)
+    in_channels = int(slices.shape[1])
+
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    sampler = EpisodeSampler(
+        slices, bodies, rng, cfg.superpixel_scale, cfg.superpixel_sigma, cfg.superpixel_min_size
+    )
+    model_kwargs = {"in_channels": in_channels, "head": head, **cfg.model_kwargs}
+    model = FewShotNet(**model_kwargs)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    align_weight = cfg.align_weight if cfg.align_weight is not None else (1.0 if head == "prototype" else 0.0)
+    budget = 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
+    train_start = time.perf_counter()
+    history: list[dict[str, Any]] = []
+    window: list[tuple[float, float, float]] = []
+    size = (cfg.size, cfg.size)
+
+    def progress_fraction(step: int) -> float:
+        elapsed = time.perf_counter() - train_start
+        return max(step / cfg.max_steps, elapsed / budget if budget else 0.0)
+
+    bar = tqdm(total=cfg.max_steps, desc=cfg.method, disable=not cfg.progress, leave=False)
+    step = 0
+    model.train()
+    while step < cfg.max_steps and progress_fraction(step) < 1.0:
+        lr = cfg.lr * (1 - min(progress_fraction(step), 0.99)) ** 0.9
+        for group in optimiser.param_groups:
+            group["lr"] = lr
+        s_img, s_mask, q_img, q_mask = (torch.from_numpy(a) for a in sampler.batch(cfg.batch_size))
+        b = s_img.shape[0]
+        feats = model.embed(torch.cat([s_img, q_img]))
+        s_feats, q_feats = feats[:b], feats[b:]
+        logits = model.segment_features(q_feats, model.condition_from_features(s_feats, s_mask, b, 1), size)
+        seg = _segmentation_loss(logits, q_mask)
+        align = torch.zeros(())
+        if align_weight > 0:
+            predicted = logits.argmax(1).detach()
+            found = predicted.flatten(1).any(1)
+            if found.any():
+                back_cond = model.condition_from_features(
+                    q_feats[found], predicted[found], int(found.sum()), 1
+                )
+                back = model.segment_features(s_feats[found], back_cond, size)
+                align = F.cross_entropy(back, s_mask[found].long())
+        loss = seg + align_weight * align
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        step += 1
+        window.append((float(loss.detach()), float(seg.detach()), float(align.detach())))
+        bar.update(1)
+        if step % cfg.log_every == 0:
+            mean = np.mean(window, axis=0)
+            window.clear()
+            history.append({
+                "step": step, "episodes": step * cfg.batch_size, "loss": round(float(mean[0]), 5),
+                "segmentation_loss": round(float(mean[1]), 5), "alignment_loss": round(float(mean[2]), 5),
+                "lr": lr, "seconds": round(time.perf_counter() - start, 1),
+            })  # fmt: skip
+            bar.set_postfix(loss=f"{mean[0]:.3f}")
+    bar.close()
+    if window:
+        mean = np.mean(window, axis=0)
+        history.append({
+            "step": step, "episodes": step * cfg.batch_size, "loss": round(float(mean[0]), 5),
+            "segmentation_loss": round(float(mean[1]), 5), "alignment_loss": round(float(mean[2]), 5),
+            "lr": lr, "seconds": round(time.perf_counter() - start, 1),
+        })  # fmt: skip
+
+    config = asdict(cfg)
+    config["data"] = [str(s) for s in sources]
+    payload = {
+        "model": {"name": cfg.method, "kind": "fewshot-2d", "head": head, "kwargs": model_kwargs},
+        "labels": {0: "background", 1: "foreground"},
+        "preprocessing": {
+            "normalisation": NORMALISATION,
+            "channels": cfg.channels,
+            "in_channels": in_channels,
+            "slice_axis": cfg.slice_axis,
+            "size": [cfg.size, cfg.size],
+        },
+        "state_dict": model.state_dict(),
+        "training": {"config": config, "steps": step, "history": history, "align_weight": align_weight},
+        "data": {"sources": config["data"], "case_ids": case_ids, "slices": int(len(slices))},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.save(ckpt_path, payload)
+    import pandas as pd
+
+    write_text(out / "metrics.csv", pd.DataFrame(history).to_csv(index=False), overwrite=True)
+    summary = {
+        "method": cfg.method,
+        "head": head,
+        "checkpoint": str(ckpt_path),
+        "steps": step,
+        "episodes": step * cfg.batch_size,
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "final_loss": history[-1]["loss"] if history else None,
+        "scans": len(case_ids),
+        "slices": int(len(slices)),
+        "case_ids": case_ids,
+    }
+    write_text(out / "summary.json", json.dumps(summary, indent=2), overwrite=True)
+    return summary
+
+
+# -- inference -------------------------------------------------------------------------------------
+def _binary_mask(image: Scan, mask: Scan) -> np.ndarray:
+    """Spatial boolean mask of a support pair, checked against its image."""
+    if mask.spatial_shape != image.spatial_shape:
+        raise MedsightError(
+            f"mask shape {list(mask.spatial_shape)} differs from its image's {list(image.spatial_shape)}"
+            + (f" ({Path(image.path).name})" if image.path else ""),
+            mask.path,
+        )
+    arr = mask.array
+    if arr.shape[0] > 1 and not all(np.array_equal(arr[0], arr[c]) for c in range(1, arr.shape[0])):
+        raise MedsightError(f"mask has {arr.shape[0]} differing channels; expected one mask", mask.path)
+    binary = arr[0] > 0
+    if not binary.any():
+        raise MedsightError("support mask is empty: mark the structure to segment", mask.path)
+    return binary
+
+
+class FewShotPredictor:
+    """Segment with a checkpoint from :func:`train_fewshot`; no training at query time."""
+
+    def __init__(self, ckpt_path: str | Path, batch: int = 64):
+        import torch
+
+        from medsight.engine import checkpoint
+        from medsight.models.fewshot import FewShotNet
+
+        self.path = Path(ckpt_path)
+        payload = checkpoint.load(self.path)
+        if payload["model"].get("kind") != "fewshot-2d":
+            raise MedsightError(
+                f"is a '{payload['model']['name']}' checkpoint, not a few-shot one (train with fewshot-*)",
+                self.path,
+            )
+        self.method = payload["model"]["name"]
+        self.head = payload["model"]["head"]
+        pre = payload["preprocessing"]
+        self.size = tuple(pre["size"])
+        self.slice_axis = int(pre["slice_axis"])
+        self.in_channels = int(pre["in_channels"])
+        self.channels = pre.get("channels")
+        self.batch = int(batch)
+        self.model = FewShotNet(**payload["model"]["kwargs"])
+        self.model.load_state_dict(payload["state_dict"])
+        self.model.eval()
+        self._torch = torch
+
+    # -- input handling ------------------------------------------------------------------------
+    def _image_array(self, scan: Scan) -> np.ndarray:
+        """The channels the model reads; RGB/RGBA turns grey for a one-channel model."""
+        array = scan.array
+        if self.channels is not None and scan.channels > max(self.channels):
+            array = array[list(self.channels)]
+        elif array.shape[0] != self.in_channels:
+            if self.in_channels == 1 and array.shape[0] in (3, 4):
+                array = array[:3].astype(np.float32).mean(0, keepdims=True)
+            else:
+                raise MedsightError(
+                    f"has {scan.channels} channel(s); this model reads {self.in_channels}", scan.path
+                )
+        return array
+
+    def _working_slices(self, scan: Scan):
+        """Normalised slices at working size, ``(S, C, h, w)`` tensor."""
+        return resize(to_slices(normalise_intensity(self._image_array(scan)), self.slice_axis), self.size)
+
+    def _working_masks(self, masks: np.ndarray):
+        """``(S, H, W)`` boolean -> soft masks at working size ``(S, h, w)``."""
+        return resize(masks[:, None].astype(np.float32), self.size)[:, 0].clamp(0, 1)
+
+    def _check(self, support, query: Scan) -> list[np.ndarray]:
+        if not support:
+            raise MedsightError("no support given: pass at least one (image, mask) pair", query.path)
+        masks = [_binary_mask(image, mask) for image, mask in support]
+        for image, _ in support:
+            if image.channels != query.channels:
+                raise MedsightError(
+                    f"query has {query.channels} channel(s) but support image "
+                    f"{Path(image.path).name if image.path else ''} has {image.channels}",
+                    query.path,
+                )
+            if image.ndim != query.ndim:
+                raise MedsightError(
+                    f"query is {query.ndim}D but support image {Path(image.path).name if image.path else ''} is "
+                    f"{image.ndim}D",
+                    query.path,
+                )
+        return masks
+
+    def _probabilities(self, queries, cond) -> np.ndarray:
+        """Foreground probability ``(Q, h, w)`` for working-size queries under one conditioning."""
+        torch = self._torch
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(queries), self.batch):
+                logits = self.model.segment(queries[start : start + self.batch], cond)
+                out.append(logits.softmax(1)[:, 1])
+        return torch.cat(out)
+
+    def _condition(self, images, masks):
+        with self._torch.no_grad():
+            return self.model.condition(images[None], masks[None])
+
+    def _restore(self, probabilities, shape: tuple[int, int]) -> np.ndarray:
+        """Working-size foreground probabilities ``(Q, h, w)`` -> boolean masks ``(Q, H, W)``."""
+        import torch.nn.functional as F
+
+        full = F.interpolate(probabilities[:, None], size=shape, mode="bilinear", align_corners=False)[:, 0]
+        return full.numpy() > 0.5
+
+    def _as_scan(self, query: Scan, mask: np.ndarray) -> Scan:
+        return Scan(mask[None].astype(np.uint8), query.affine.copy(), {"fewshot": self.method}, query.path)
+
+    # -- public --------------------------------------------------------------------------------
+    def segment(
+        self,
+        support: list[tuple[Scan, Scan]],
+        query: Scan,
+        chunks: int = 3,
+        query_range: tuple[int, int] | None = None,
+    ) -> Scan:
+        """Mask (uint8 0/1) of the support's structure in ``query``, with the query's affine."""
+        masks = self._check(support, query)
+        if chunks < 1:
+            raise MedsightError(f"chunks must be >= 1, got {chunks}", query.path)
+        queries = self._working_slices(query)
+        if query.ndim == 2:
+            images = self._torch.cat([self._working_slices(image) for image, _ in support])
+            cond = self._condition(images, self._working_masks(np.stack(masks)))
+            mask = self._restore(self._probabilities(queries, cond), query.spatial_shape)[0]
+            return self._as_scan(query, mask)
+
+        axis = self.slice_axis
+        n_query = query.spatial_shape[axis]
+        plans = []
+        fractions = []
+        for (image, _), mask in zip(support, masks, strict=True):
+            labelled = np.flatnonzero(to_slices(mask[None], axis)[:, 0].reshape(mask.shape[axis], -1).any(1))
+            lo, hi = int(labelled[0]), int(labelled[-1])
+            centres = [int(labelled[np.argmin(np.abs(labelled - c))]) for c in chunk_centres(lo, hi, chunks)]
+            plans.append((image, mask, centres))
+            n_support = image.spatial_shape[axis]
+            fractions.append(matching_range((lo, hi), n_support, n_query))
+        if query_range is None:
+            q0 = int(round(np.mean([f[0] for f in fractions])))
+            q1 = int(round(np.mean([f[1] for f in fractions])))
+        else:
+            q0, q1 = (int(v) for v in query_range)
+            if not 0 <= q0 <= q1 < n_query:
+                raise MedsightError(f"query_range {query_range} outside slices 0..{n_query - 1}", query.path)
+        in_plane = tuple(n for a, n in enumerate(query.spatial_shape) if a != axis)
+        out = np.zeros((n_query, *in_plane), dtype=bool)
+        # every support at working size, so supports of different in-plane shapes stack as shots
+        shots = [
+            (self._working_slices(image), self._working_masks(to_slices(m[None], axis)[:, 0]), centres)
+            for image, m, centres in plans
+        ]
+        for c in range(chunks):
+            members = [q for q in range(q0, q1 + 1) if chunk_of(q, q0, q1, chunks) == c]
+            if not members:
+                continue
+            images = self._torch.stack([slices[centres[c]] for slices, _, centres in shots])
+            shot_masks = self._torch.stack([masks[centres[c]] for _, masks, centres in shots])
+            cond = self._condition(images, shot_masks)
+            out[members] = self._restore(self._probabilities(queries[members], cond), in_plane)
+        return self._as_scan(query, from_slices(out, axis, 3))
+
+    def propagate(self, volume: Scan, mask: Scan, stop_at_empty: bool = True) -> Scan:
+        """Complete a partly annotated volume: slices with a non-empty mask are the supports."""
+        binary = _binary_mask(volume, mask)
+        if volume.ndim != 3:
+            raise MedsightError("slice propagation needs a volume, not a 2D image", volume.path)
+        axis = self.slice_axis
+        mask_slices = to_slices(binary[None], axis)[:, 0]
+        annotated = np.flatnonzero(mask_slices.reshape(len(mask_slices), -1).any(1))
+        slices = self._working_slices(volume)
+        n = len(mask_slices)
+        nearest = {
+            q: int(annotated[np.argmin(np.abs(annotated - q))]) for q in range(n) if q not in set(annotated)
+        }
+        out = mask_slices.copy()
+        working_masks = self._working_masks(mask_slices[annotated])
+        for k, s in enumerate(annotated):
+            members = [q for q, src in nearest.items() if src == s]
+            if not members:
+                continue
+            cond = self._condition(slices[s : s + 1], working_masks[k : k + 1])
+            out[members] = self._restore(self._probabilities(slices[members], cond), mask_slices.shape[1:])
+        if stop_at_empty:
+            # nearest first, so the neighbour towards the support is settled before q
+            for q in sorted(nearest, key=lambda q: abs(q - nearest[q])):
+                towards_support = q - 1 if q > nearest[q] else q + 1
+                if towards_support in nearest and not out[towards_support].any():
+                    out[q] = False
+        return self._as_scan(volume, from_slices(out, axis, 3))
