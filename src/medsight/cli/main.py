@@ -22,9 +22,9 @@ app = typer.Typer(
 
 
 def _register_all() -> None:
-    from medsight.cli import data, evaluate, phantom, scans, segment
+    from medsight.cli import data, evaluate, fewshot, phantom, scans, segment, textseg
 
-    for module in (scans, data, evaluate, phantom, segment):
+    for module in (scans, data, evaluate, phantom, segment, fewshot, textseg):
         module.register(app)
 
 

@@ -57,7 +57,7 @@ def _is_scan(path: Path) -> bool:
     return suffix_of(path) in SCAN_SUFFIXES
 
 
-def read_text_sheet(folder: Path) -> dict[str, str]:
+def read_text_sheet(folder: Path) -> dict[str, str | None]:
     """Image name -> description from the split's text sheet (empty when there is none)."""
     sheets = sorted(
         p for p in folder.iterdir() if p.suffix.lower() in (".xlsx", ".xls", ".csv") and p.is_file()
@@ -66,7 +66,12 @@ def read_text_sheet(folder: Path) -> dict[str, str]:
     if not sheets:
         return {}
     preferred = [p for p in sheets if "text" in p.name.lower()]
-    sheet = (preferred or sheets)[0]
+    return parse_text_sheet((preferred or sheets)[0])
+
+
+def parse_text_sheet(sheet: Path) -> dict[str, str | None]:
+    """Image name -> sentence from one ``.xlsx``/``.xls``/``.csv`` sheet with columns Image and
+    Description (or Text), headers case-insensitive; whitespace is normalised, blanks are ``None``."""
     import pandas as pd
 
     try:
@@ -87,7 +92,7 @@ def read_text_sheet(folder: Path) -> dict[str, str]:
     texts = {}
     for name, text in zip(table[image_col], table[text_col], strict=True):
         if isinstance(name, str) and name.strip():
-            texts[name.strip()] = text.strip() if isinstance(text, str) and text.strip() else None
+            texts[name.strip()] = " ".join(text.split()) or None if isinstance(text, str) else None
     return texts
 
 

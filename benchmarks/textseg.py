@@ -1,0 +1,216 @@
+"""Text-guided semi-supervised segmentation benchmark (LViT vs U-Net) on MoNuSeg with its text.
+
+    python benchmarks/textseg.py                                   # every configuration, 15 min each
+    python benchmarks/textseg.py --configs lvit@1.0,unet2d@1.0     # any subset; results accumulate
+    python benchmarks/textseg.py --test-folder path/Test_Folder    # evaluate on another held-out folder
+    python benchmarks/textseg.py --quick                           # smoke run on a 2D phantom (seconds)
+
+Each configuration trains on ``Train_Folder`` (keeping a seeded ``fraction`` of the masks), selects
+its checkpoint on ``Val_Folder`` and is evaluated on ``--test-folder`` (default: the Val_Folder):
+mean per-image Dice and IoU of the foreground at the images' original size. Configuration names are
+``<variant>@<labeled fraction>`` with variants ``unet2d`` (supervised U-Net), ``lvit`` (text, EPI,
+LV loss), ``lvit-notext`` (the same without text), ``lvit-noepi``, ``lvit-nolv``, ``lvit-large``.
+Results merge into ``<out>/textseg.json`` (``textseg-quick.json`` for --quick), one entry per
+configuration name, and ``textseg.md`` (a markdown table of every entry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+ALL_CONFIGS = (
+    "unet2d@0.25", "unet2d@0.5", "unet2d@1.0", "lvit@0.25", "lvit@0.5", "lvit@1.0",
+    "lvit-notext@1.0", "lvit-noepi@0.25", "lvit-nolv@0.25",
+)  # fmt: skip
+VARIANTS = {
+    # variant: (method, size, with_text, use_epi, use_lv_loss)
+    "unet2d": ("unet2d", "small", False, False, False),
+    "lvit": ("lvit", "small", True, True, True),
+    "lvit-large": ("lvit", "large", True, True, True),
+    "lvit-notext": ("lvit", "small", False, True, True),
+    "lvit-noepi": ("lvit", "small", True, False, True),
+    "lvit-nolv": ("lvit", "small", True, True, False),
+}
+
+
+def parse_config(name: str) -> tuple[str, float]:
+    variant, _, fraction = name.partition("@")
+    if variant not in VARIANTS or not fraction:
+        raise SystemExit(
+            f"bad configuration {name!r}: use <variant>@<fraction> with variants {', '.join(VARIANTS)}"
+        )
+    value = float(fraction)
+    if not 0 < value <= 1:
+        raise SystemExit(f"bad labeled fraction in {name!r}")
+    return variant, value
+
+
+def test_pairs(folder: Path) -> list[tuple[Path, Path, str | None]]:
+    """(image, mask, sentence) for every picture in ``folder/img`` of an LViT split folder."""
+    from medsight.errors import MedsightError
+    from medsight.tasks.lvit import _lvit_sheet
+    from medsight.text import lookup, read_text_file, require_rows
+
+    images = sorted(p for p in (folder / "img").iterdir() if p.is_file() and not p.name.startswith("."))
+    if not images:
+        raise MedsightError("no images in img/", folder)
+    sheet = _lvit_sheet(folder)
+    table = read_text_file(sheet) if sheet else {}
+    if sheet:
+        require_rows(table, [p.name for p in images], sheet)
+    pairs = []
+    for image in images:
+        candidates = [folder / "labelcol" / image.name, folder / "labelcol" / f"mask_{image.name}"]
+        mask = next((c for c in candidates if c.is_file()), None)
+        if mask is None:
+            raise MedsightError(f"no mask for {image.name} in labelcol/", folder)
+        pairs.append((image, mask, lookup(table, image.name)[1]))
+    return pairs
+
+
+def evaluate(checkpoint: str, folder: Path) -> dict:
+    from medsight import io
+    from medsight.evaluate import segmentation_metrics
+    from medsight.tasks.lvit import TextSegPredictor
+
+    predictor = TextSegPredictor(checkpoint)
+    mapping = predictor.label_mapping
+    names = {v: n for v, n in predictor.labels.items() if v}
+    dice, iou = [], []
+    for image_path, mask_path, sentence in test_pairs(folder):
+        image = io.read(image_path)
+        ref = io.read(mask_path).array[0].astype(np.int64)
+        for source, target in mapping.items():
+            ref[ref == source] = target
+        pred = predictor.predict(image, sentence).array[0]
+        rows = segmentation_metrics(pred, ref, labels=names)
+        dice.append(np.mean([r["dice"] for r in rows.values()]))
+        iou.append(np.mean([r["iou"] for r in rows.values()]))
+    return {
+        "dice": float(np.mean(dice)),
+        "iou": float(np.mean(iou)),
+        "per_image_dice": [float(d) for d in dice],
+    }
+
+
+def run_config(name: str, data: Path, test_folder: Path, runs: Path, args) -> dict:
+    from medsight.tasks.lvit import TextSegConfig, train_textseg
+
+    variant, fraction = parse_config(name)
+    method, size, with_text, use_epi, use_lv = VARIANTS[variant]
+    cfg = TextSegConfig(
+        data=str(data), out=str(runs / name.replace("@", "_")), method=method, size=size, with_text=with_text,
+        labeled_fraction=fraction, use_epi=use_epi, use_lv_loss=use_lv, crop_size=args.crop,
+        image_scale=args.scale, batch_size=args.batch_size, epochs=args.epochs, iters_per_epoch=args.iters,
+        seed=args.seed, time_limit_minutes=args.minutes, text_cache=str(runs / "text_cache"), overwrite=True,
+        progress=not args.quiet,
+    )  # fmt: skip
+    summary = train_textseg(cfg)
+    t0 = time.perf_counter()
+    scores = evaluate(summary["best"], test_folder)
+    return {
+        "dice": scores["dice"],
+        "iou": scores["iou"],
+        "per_image_dice": scores["per_image_dice"],
+        "train_seconds": summary["train_seconds"],
+        "inference_seconds": round(time.perf_counter() - t0, 1),
+        "best_val_dice_working_scale": summary["best_val_dice"],
+        "epochs_run": summary["epochs_run"],
+        "pseudo_label_rounds": summary["pseudo_label_rounds"],
+        "evaluated_folder": str(test_folder),
+        "labeled_fraction": fraction,
+        "labeled_ids": summary["labeled_ids"],
+        "settings": {
+            "method": method, "size": size, "with_text": with_text, "use_epi": summary["use_epi"],
+            "use_lv_loss": summary["use_lv_loss"], "minutes": args.minutes, "crop": args.crop, "scale": args.scale,
+            "seed": args.seed, "batch_size": args.batch_size,
+        },
+    }  # fmt: skip
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| configuration | Dice % | IoU % | train s | epochs | labeled images | evaluated on |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    order = {n: i for i, n in enumerate(ALL_CONFIGS)}
+    for name in sorted(results, key=lambda n: (order.get(n, len(order)), n)):
+        r = results[name]
+        lines.append(
+            f"| {name} | {100 * r['dice']:.2f} | {100 * r['iou']:.2f} | {r['train_seconds']:.0f} | "
+            f"{r.get('epochs_run', '')} | {len(r['labeled_ids'])} | {Path(r['evaluated_folder']).name} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=SHARED / "monuseg", help="LViT-layout dataset")
+    parser.add_argument(
+        "--test-folder", type=Path, default=None, help="held-out folder (default: Val_Folder)"
+    )
+    parser.add_argument(
+        "--configs", default=",".join(ALL_CONFIGS), help="comma-separated configuration names"
+    )
+    parser.add_argument("--minutes", type=float, default=15.0, help="training budget per configuration")
+    parser.add_argument(
+        "--epochs", type=int, default=1000, help="epoch cap (the time budget usually ends first)"
+    )
+    parser.add_argument("--iters", type=int, default=25, help="optimiser steps per epoch")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--crop", type=int, default=128, help="training crop at the working scale")
+    parser.add_argument("--scale", type=float, default=0.5, help="working scale (MoNuSeg 1000 px -> 500 px)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--runs", type=Path, default=None, help="where run folders go (default: a temp folder)"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--quick", action="store_true", help="smoke run on a 2D phantom in a temp folder")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for name in configs:
+        parse_config(name)
+
+    import torch
+
+    torch.set_num_threads(1)  # the machine is shared; one thread is also the fairest timing
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = args.data
+        if args.quick:
+            from medsight.datasets.phantom import write_phantom_dataset
+
+            data = write_phantom_dataset(tmp / "phantom", 8, dim=2, seed=args.seed)
+            args.minutes, args.epochs, args.iters, args.crop, args.scale = None, 2, 3, 64, 1.0
+        test_folder = args.test_folder or data / "Val_Folder"
+        runs = args.runs or tmp / "runs"
+        name = "textseg-quick" if args.quick else "textseg"
+        results_path = args.out / f"{name}.json"
+        results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        for config in configs:
+            print(f"== {config}")
+            results[config] = run_config(config, data, test_folder, runs, args)
+            print(f"   Dice {100 * results[config]['dice']:.2f}  IoU {100 * results[config]['iou']:.2f}  "
+                  f"train {results[config]['train_seconds']:.0f} s")  # fmt: skip
+            args.out.mkdir(parents=True, exist_ok=True)  # written after each config: partial runs keep theirs
+            from medsight.io import write_text
+
+            write_text(results_path, json.dumps(results, indent=2) + "\n", overwrite=True)
+            write_text(args.out / f"{name}.md", table(results), overwrite=True)
+    print(table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

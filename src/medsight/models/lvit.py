@@ -1,0 +1,201 @@
+"""LViT: a U-shaped CNN branch and a ViT branch side by side, with text fused into the ViT branch
+(Li et al., IEEE TMI 2023, arXiv 2206.14718; METHODS.md section 2). Our own implementation.
+
+Layout (``w`` = ``width``; the CNN works at scales 1, 1/2, 1/4, 1/8 with 1, 2, 4, 8 times ``w``
+channels and a bottleneck at 1/16):
+
+- every ViT stage works on one shared token grid of ``H/16 x W/16`` tokens. Down stage ``i``
+  patch-embeds the CNN map of scale ``1/2^i`` with patches of ``16/2^i`` pixels, adds the tokens
+  carried from the previous stage (linearly widened), runs ``depth`` pre-norm transformer layers,
+  and *reconstructs* the tokens back into the CNN map (bilinear upsampling + 1x1 conv, added):
+  that is the feature exchange, both ways, at every scale;
+- text: token embeddings ``(B, L, 384)`` are projected to the first stage's width and concatenated
+  to its image tokens, so image tokens attend to words (padded words are masked out); the text
+  tokens are dropped after the stage. Later stages see the text through the image tokens;
+- up stages mirror the down stages on the decoder maps, starting from the down stage's tokens at
+  the same scale (the ViT skip connection);
+- skip connections pass through a Pixel-Level Attention Module (:class:`PLAM`).
+
+``with_text=False`` builds the same network without the text projection (the no-text ablation);
+``forward`` then ignores any text. With ``with_text=True`` an image without text (``text=None``
+or an all-False mask) is segmented from the image alone: no word enters the attention.
+
+Any ``H, W``: the input is zero-padded to a multiple of 16 and the output cropped back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medsight.models.blocks import conv_norm_act2d, pad_to_multiple
+
+__all__ = ["LVIT_SIZES", "PLAM", "LViT", "lvit"]
+
+TEXT_DIM = 384
+LVIT_SIZES = {
+    "small": {"width": 16, "depth": 1, "heads": 2},
+    "large": {"width": 32, "depth": 2, "heads": 4},
+}
+LEVELS = 4  # CNN scales 1 .. 1/8 with a ViT stage each; the bottleneck sits at 1/16
+GRID_STRIDE = 2**LEVELS
+
+
+class PLAM(nn.Module):
+    """Pixel-Level Attention Module for skip connections.
+
+    Two parallel pooled descriptors weigh the features: a channel branch,
+    ``a_c = sigmoid(MLP(avgpool(x)) + MLP(maxpool(x)))`` of shape ``(B, C, 1, 1)`` (pooling over
+    pixels), and a pixel branch, ``a_p = sigmoid(conv7x7([mean_c(x), max_c(x)]))`` of shape
+    ``(B, 1, H, W)`` (pooling over channels). The output keeps the input as a residual so local
+    detail is never suppressed outright: ``y = x + x * a_c * a_p``.
+    """
+
+    def __init__(self, channels: int, reduction: int = 4):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.mlp = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1)
+        )
+        self.pixel = nn.Conv2d(2, 1, 7, padding=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channel = torch.sigmoid(
+            self.mlp(x.mean((2, 3), keepdim=True)) + self.mlp(x.amax((2, 3), keepdim=True))
+        )
+        pixel = torch.sigmoid(self.pixel(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)))
+        return x + x * channel * pixel
+
+
+def _double_conv(in_ch: int, out_ch: int) -> nn.Sequential:
+    return nn.Sequential(conv_norm_act2d(in_ch, out_ch), conv_norm_act2d(out_ch, out_ch))
+
+
+class TokenStage(nn.Module):
+    """One ViT stage on the shared token grid: patch embedding of a CNN map, carried tokens added,
+    transformer layers (optionally with text tokens appended), reconstruction added to the map."""
+
+    def __init__(self, channels: int, patch: int, depth: int, heads: int, carried_dim: int | None):
+        super().__init__()
+        dim = channels
+        self.patch = patch
+        self.embed = nn.Conv2d(channels, dim, patch, stride=patch)
+        self.position = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)  # size-agnostic position code
+        self.carry = nn.Linear(carried_dim, dim) if carried_dim else None
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.reconstruct = nn.Sequential(
+            nn.Conv2d(dim, channels, 1, bias=False),
+            nn.InstanceNorm2d(channels, affine=True),
+            nn.LeakyReLU(0.01),
+        )
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        carried: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        grid = self.embed(features)
+        grid = grid + self.position(grid)
+        b, d, gh, gw = grid.shape
+        tokens = grid.flatten(2).transpose(1, 2)
+        if carried is not None and self.carry is not None:
+            tokens = tokens + self.carry(carried)
+        n = tokens.shape[1]
+        padding = None
+        if text is not None:
+            tokens = torch.cat([tokens, text], dim=1)
+            image_valid = torch.ones(b, n, dtype=torch.bool, device=tokens.device)
+            padding = ~torch.cat([image_valid, text_mask.to(torch.bool)], dim=1)
+        for layer in self.layers:
+            tokens = layer(tokens, src_key_padding_mask=padding)
+        tokens = self.norm(tokens[:, :n])
+        back = tokens.transpose(1, 2).reshape(b, d, gh, gw)
+        back = F.interpolate(back, size=features.shape[-2:], mode="bilinear", align_corners=False)
+        return tokens, features + self.reconstruct(back)
+
+
+class LViT(nn.Module):
+    """``LViT(in_channels, num_classes, width, depth, heads, with_text)``;
+    ``forward(x, text=None, text_mask=None)`` with ``x (B, C, H, W)``, ``text (B, L, 384)``,
+    ``text_mask (B, L)`` bool -> logits ``(B, num_classes, H, W)``."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 2,
+        width: int = 16,
+        depth: int = 1,
+        heads: int = 2,
+        with_text: bool = True,
+        text_dim: int = TEXT_DIM,
+    ):
+        super().__init__()
+        if in_channels < 1 or num_classes < 2:
+            raise ValueError(f"need in_channels >= 1 and num_classes >= 2, got {in_channels}, {num_classes}")
+        if width < 1 or width % heads:
+            raise ValueError(f"width ({width}) must be a positive multiple of heads ({heads})")
+        self.with_text = bool(with_text)
+        widths = [width * 2**i for i in range(LEVELS)]
+        self.encoders = nn.ModuleList(
+            _double_conv(in_channels if i == 0 else widths[i - 1], widths[i]) for i in range(LEVELS)
+        )
+        self.bottleneck = _double_conv(widths[-1], widths[-1])
+        self.down_vit = nn.ModuleList(
+            TokenStage(widths[i], GRID_STRIDE // 2**i, depth, heads, widths[i - 1] if i else None)
+            for i in range(LEVELS)
+        )
+        self.up_vit = nn.ModuleList(
+            TokenStage(widths[i], GRID_STRIDE // 2**i, depth, heads, widths[i]) for i in range(LEVELS)
+        )
+        self.skip_attention = nn.ModuleList(PLAM(c) for c in widths)
+        below = [*widths[1:], widths[-1]]  # channels arriving from one scale down
+        self.decoders = nn.ModuleList(_double_conv(below[i] + widths[i], widths[i]) for i in range(LEVELS))
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+        if self.with_text:
+            self.text_projection = nn.Sequential(nn.Linear(text_dim, widths[0]), nn.LayerNorm(widths[0]))
+            self.text_type = nn.Parameter(torch.zeros(1, 1, widths[0]))
+
+    def forward(
+        self, x: torch.Tensor, text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x, crop = pad_to_multiple(x, GRID_STRIDE)
+        words = None
+        if self.with_text and text is not None:
+            if text_mask is None:
+                text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+            words = self.text_projection(text.to(x.dtype)) + self.text_type
+
+        skips, tokens_per_level, tokens, h = [], [], None, x
+        for level, (encoder, stage) in enumerate(zip(self.encoders, self.down_vit, strict=True)):
+            h = encoder(h if level == 0 else F.max_pool2d(h, 2))
+            tokens, h = stage(h, tokens, words if level == 0 else None, text_mask if level == 0 else None)
+            skips.append(h)
+            tokens_per_level.append(tokens)
+        h = self.bottleneck(F.max_pool2d(h, 2))
+        for level in reversed(range(LEVELS)):
+            h = F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False)
+            h = self.decoders[level](torch.cat([h, self.skip_attention[level](skips[level])], dim=1))
+            _, h = self.up_vit[level](h, tokens_per_level[level])
+        return self.head(h)[crop]
+
+
+def lvit(
+    in_channels: int = 3,
+    num_classes: int = 2,
+    size: str = "small",
+    with_text: bool = True,
+) -> LViT:
+    """LViT in its ``small`` (width 16, one transformer layer per stage, 2 heads) or ``large``
+    (width 32, two layers, 4 heads) configuration."""
+    if size not in LVIT_SIZES:
+        raise ValueError(f"size must be one of {', '.join(LVIT_SIZES)}, not {size!r}")
+    return LViT(in_channels, num_classes, with_text=with_text, **LVIT_SIZES[size])

@@ -1,0 +1,49 @@
+"""benchmarks/textseg.py --quick: the phantom smoke run writes (and merges into) the results files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "textseg.py"
+KEYS = {"dice", "iou", "train_seconds", "evaluated_folder", "labeled_ids"}
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("textseg_benchmark", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_quick_benchmark_merges_configurations(tmp_path):
+    bench = load_script()
+    earlier = {"dice": 0.5, "iou": 1 / 3, "train_seconds": 1.0, "evaluated_folder": "/x/Val_Folder",
+               "labeled_ids": ["a"]}  # fmt: skip
+    (tmp_path / "textseg-quick.json").write_text(json.dumps({"lvit@1.0": earlier}))
+    bench.main(["--quick", "--quiet", "--configs", "unet2d@0.5,lvit-noepi@0.5", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "textseg-quick.json").read_text())
+    assert set(results) == {"lvit@1.0", "unet2d@0.5", "lvit-noepi@0.5"}  # the earlier entry is kept
+    assert results["lvit@1.0"] == earlier
+    for name in ("unet2d@0.5", "lvit-noepi@0.5"):
+        entry = results[name]
+        assert set(entry) >= KEYS
+        assert 0.0 <= entry["iou"] <= entry["dice"] <= 1.0
+        assert Path(entry["evaluated_folder"]).name == "Val_Folder"
+        assert len(entry["labeled_ids"]) == 3  # half of the phantom's 6 training images (seed 0)
+    assert results["lvit-noepi@0.5"]["settings"]["use_epi"] is False
+    assert results["lvit-noepi@0.5"]["settings"]["use_lv_loss"] is True
+    table = (tmp_path / "textseg-quick.md").read_text()
+    assert "| unet2d@0.5 |" in table and "| lvit@1.0 | 50.00 | 33.33 |" in table
+
+
+def test_bad_configuration_names_are_refused():
+    bench = load_script()
+    with pytest.raises(SystemExit, match="bad configuration"):
+        bench.parse_config("vnet@0.5")
+    with pytest.raises(SystemExit, match="fraction"):
+        bench.parse_config("lvit@1.5")
+    assert bench.parse_config("lvit-nolv@0.25") == ("lvit-nolv", 0.25)
