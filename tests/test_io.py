@@ -252,6 +252,15 @@ def test_write_refuses_to_overwrite_and_failed_write_leaves_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.nii.gz"]
 
 
+def test_written_files_get_the_umask_permissions_not_private_ones(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        written = io.write_text(tmp_path / "summary.json", "{}")
+    finally:
+        os.umask(previous)
+    assert written.stat().st_mode & 0o777 == 0o644  # what open() would have made under umask 022
+
+
 # -- CLI --------------------------------------------------------------------------------------------------
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*MEDSIGHT, *args], capture_output=True, text=True, cwd=Path(__file__).parent)
