@@ -197,15 +197,18 @@ def main(argv=None) -> dict:
         runs = args.runs or tmp / "runs"
         name = "textseg-quick" if args.quick else "textseg"
         results_path = args.out / f"{name}.json"
-        results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        results = {}
         for config in configs:
             print(f"== {config}")
-            results[config] = run_config(config, data, test_folder, runs, args)
-            print(f"   Dice {100 * results[config]['dice']:.2f}  IoU {100 * results[config]['iou']:.2f}  "
-                  f"train {results[config]['train_seconds']:.0f} s")  # fmt: skip
+            figures = run_config(config, data, test_folder, runs, args)
+            print(f"   Dice {100 * figures['dice']:.2f}  IoU {100 * figures['iou']:.2f}  "
+                  f"train {figures['train_seconds']:.0f} s")  # fmt: skip
             args.out.mkdir(parents=True, exist_ok=True)  # written after each config: partial runs keep theirs
             from medsight.io import write_text
 
+            # re-read just before writing, so runs of other configurations in parallel keep their entries
+            results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+            results[config] = figures
             write_text(results_path, json.dumps(results, indent=2) + "\n", overwrite=True)
             write_text(args.out / f"{name}.md", table(results), overwrite=True)
     print(table(results))
