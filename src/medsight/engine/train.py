@@ -312,14 +312,7 @@ def train(cfg: TrainConfig, return_model: bool = False):
                 "config": asdict(cfg),
             }
             payload = {**payload_base, "state_dict": model.state_dict(), "training": training_state}
-            if improved:
-                checkpoint.save(best_path, payload)
-            checkpoint.save(last_path, payload)
-            _write_log(out, history)
-            if cfg.progress:
-                print(
-                    f"epoch {epoch + 1}: loss {record['train_loss']:.4f}  val Dice {mean_dice:.4f}{'  *best*' if improved else ''}"
-                )
+            save_epoch(out, payload, history, mean_dice, improved, cfg.progress)
             out_of_time = cfg.time_limit_minutes and time.perf_counter() - start > 60 * cfg.time_limit_minutes
             stop[0] = float(stale >= cfg.patience or bool(out_of_time))
         if world > 1:
@@ -346,11 +339,22 @@ def train(cfg: TrainConfig, return_model: bool = False):
     return (summary, model) if return_model else summary
 
 
-def _write_log(out: Path, history: list[dict[str, Any]]) -> None:
+def save_epoch(
+    out: Path, payload: dict, history: list[dict[str, Any]], dice: float, improved: bool, progress: bool
+) -> None:
+    """End of a validated epoch: ``last.pt`` (and ``best.pt`` when it improved), metrics.csv, the
+    training curve and a one-line report. Shared by every training loop that validates by Dice."""
     import pandas as pd
 
+    from medsight.engine import checkpoint
     from medsight.io import write_text
     from medsight.report.curves import plot_curves
 
+    if improved:
+        checkpoint.save(out / "best.pt", payload)
+    checkpoint.save(out / "last.pt", payload)
     write_text(out / "metrics.csv", pd.DataFrame(history).to_csv(index=False), overwrite=True)
     plot_curves(history, out / "training_curve.png", overwrite=True)
+    if progress:
+        loss = history[-1]["train_loss"]
+        print(f"epoch {len(history)}: loss {loss:.4f}  val Dice {dice:.4f}{'  *best*' if improved else ''}")

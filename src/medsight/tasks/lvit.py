@@ -371,8 +371,8 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from medsight.datasets import open_dataset, split_dataset
-    from medsight.engine import checkpoint
     from medsight.engine.preprocess import Preprocessing
+    from medsight.engine.train import save_epoch
     from medsight.losses import WeightedCEDiceLoss
     from medsight.text import TEXT_MODEL, TextEmbedding, TextEncoder, warn_missing_text
 
@@ -626,14 +626,7 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
             "state_dict": model.state_dict(),
             "training": {"epoch": epoch + 1, "history": history, "best": best, "config": asdict(cfg)},
         }
-        if improved:
-            checkpoint.save(best_path, payload)
-        checkpoint.save(last_path, payload)
-        _write_log(out, history)
-        if cfg.progress:
-            print(
-                f"epoch {epoch + 1}: loss {record['train_loss']:.4f}  val Dice {dice:.4f}{'  *best*' if improved else ''}"
-            )
+        save_epoch(out, payload, history, dice, improved, cfg.progress)
         if budget and time.perf_counter() - start > budget:
             break
 
@@ -661,16 +654,6 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
 
     write_text(out / "summary.json", json.dumps(summary, indent=2), overwrite=True)
     return summary
-
-
-def _write_log(out: Path, history: list[dict[str, Any]]) -> None:
-    import pandas as pd
-
-    from medsight.io import write_text
-    from medsight.report.curves import plot_curves
-
-    write_text(out / "metrics.csv", pd.DataFrame(history).to_csv(index=False), overwrite=True)
-    plot_curves(history, out / "training_curve.png", overwrite=True)
 
 
 # -- inference ------------------------------------------------------------------------------------
