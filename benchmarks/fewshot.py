@@ -221,7 +221,7 @@ def main(argv=None) -> dict:
 
 def run(args, log) -> dict:
     from medsight.datasets import open_dataset
-    from medsight.tasks.fewshot import FewShotConfig, FewShotPredictor, train_fewshot
+    from medsight.tasks.fewshot import FewShotConfig, FewShotPredictor, read_training_slices, train_fewshot
 
     tmp = tempfile.TemporaryDirectory()
     runs = args.runs or Path(tmp.name) / "runs"
@@ -248,15 +248,18 @@ def run(args, log) -> dict:
 
     training = {}
     predictors = {}
+    slices = None  # read once, shared by the three heads
     for head in HEADS:
-        log(f"training {head} ...")
-        summary = train_fewshot(
-            FewShotConfig(
-                data=sources, out=str(runs / head), method=f"fewshot-{head}", channels=channels, size=args.size,
-                seed=args.seed, exclude_ids=support_ids + query_ids, overwrite=True, progress=not args.quiet,
-                **train_kw,
-            )
+        cfg = FewShotConfig(
+            data=sources, out=str(runs / head), method=f"fewshot-{head}", channels=channels, size=args.size,
+            seed=args.seed, exclude_ids=support_ids + query_ids, overwrite=True, progress=not args.quiet,
+            **train_kw,
         )  # fmt: skip
+        if slices is None:
+            log("reading the unlabeled training images ...")
+            slices = read_training_slices(cfg)
+        log(f"training {head} ...")
+        summary = train_fewshot(cfg, slices)
         training[head] = {k: v for k, v in summary.items() if k != "case_ids"}
         predictors[head] = FewShotPredictor(summary["checkpoint"])
 

@@ -198,6 +198,28 @@ def test_training_writes_a_self_describing_checkpoint(trained):
     assert lines[0].startswith("step,episodes,loss") and len(lines) == 1 + 300 // 25
 
 
+def test_slices_read_once_train_the_same_model(trained, tmp_path):
+    """The benchmark reads the images once for three heads: that must not change what is learnt."""
+    from medsight.engine import checkpoint
+    from medsight.tasks.fewshot import FewShotConfig, read_training_slices, train_fewshot
+
+    _, root = trained
+    weights = []
+    for pre_read in (False, True):
+        cfg = FewShotConfig(
+            data=str(root / "data"), out=str(tmp_path / str(pre_read)), method="fewshot-prototype", max_steps=3,
+            progress=False,
+        )  # fmt: skip
+        summary = train_fewshot(cfg, read_training_slices(cfg) if pre_read else None)
+        weights.append(checkpoint.load(summary["checkpoint"])["state_dict"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    with pytest.raises(MedsightError, match="not the configured size"):
+        train_fewshot(
+            FewShotConfig(data=cfg.data, out=str(tmp_path / "x"), size=32), read_training_slices(cfg)
+        )
+
+
 def test_one_shot_beats_chance_on_the_phantom(trained):
     from medsight.datasets.phantom import make_phantom_3d
     from medsight.evaluate import segmentation_metrics

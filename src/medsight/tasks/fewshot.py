@@ -213,26 +213,21 @@ def _segmentation_loss(logits, target):
     return ce + (1 - dice).mean()
 
 
-def train_fewshot(cfg: FewShotConfig) -> dict[str, Any]:
-    """Self-supervised episodic training; writes ``model.pt``, ``metrics.csv`` and ``summary.json``
-    into ``cfg.out`` and returns the summary."""
-    import torch
-    import torch.nn.functional as F
+@dataclass
+class TrainingSlices:
+    """Working-size training slices of every usable image, read once (they can be shared by the
+    training of several heads on the same sources)."""
+
+    slices: np.ndarray  # (S, C, size, size), normalised
+    bodies: np.ndarray  # (S, size, size) bool
+    case_ids: list[str]
+    sources: list[str]
+
+
+def read_training_slices(cfg: FewShotConfig) -> TrainingSlices:
+    """Slice and normalise every image of ``cfg.data`` (labels are never opened)."""
     from tqdm import tqdm
 
-    from medsight.engine import checkpoint
-    from medsight.io import write_text
-    from medsight.models.fewshot import FewShotNet
-    from medsight.transforms import EpisodeSampler
-
-    if cfg.method not in METHODS:
-        raise MedsightError(f"unknown few-shot method '{cfg.method}'; choose one of {', '.join(METHODS)}")
-    head = METHODS[cfg.method]
-    out = Path(cfg.out)
-    ckpt_path = out / "model.pt"
-    if ckpt_path.exists() and not cfg.overwrite:
-        raise MedsightError("holds a trained model already; pass --overwrite to replace it", out)
-    start = time.perf_counter()
     sources = [cfg.data] if isinstance(cfg.data, str | Path) else list(cfg.data)
     chunks_img, chunks_body, case_ids, channel_counts = [], [], [], set()
     excluded = set(cfg.exclude_ids)
@@ -259,7 +254,39 @@ def train_fewshot(cfg: FewShotConfig) -> dict[str, Any]:
             case_ids.append(case_id)
     if not chunks_img:
         raise MedsightError("no usable training images (all excluded, empty or background)", sources[0])
-    slices, bodies = np.concatenate(chunks_img), np.concatenate(chunks_body)
+    return TrainingSlices(
+        np.concatenate(chunks_img), np.concatenate(chunks_body), case_ids, [str(s) for s in sources]
+    )
+
+
+def train_fewshot(cfg: FewShotConfig, data: TrainingSlices | None = None) -> dict[str, Any]:
+    """Self-supervised episodic training; writes ``model.pt``, ``metrics.csv`` and ``summary.json``
+    into ``cfg.out`` and returns the summary. ``data``: slices already read by
+    :func:`read_training_slices` with the same data settings (default: read them here)."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from medsight.engine import checkpoint
+    from medsight.io import write_text
+    from medsight.models.fewshot import FewShotNet
+    from medsight.transforms import EpisodeSampler
+
+    if cfg.method not in METHODS:
+        raise MedsightError(f"unknown few-shot method '{cfg.method}'; choose one of {', '.join(METHODS)}")
+    head = METHODS[cfg.method]
+    out = Path(cfg.out)
+    ckpt_path = out / "model.pt"
+    if ckpt_path.exists() and not cfg.overwrite:
+        raise MedsightError("holds a trained model already; pass --overwrite to replace it", out)
+    start = time.perf_counter()
+    if data is None:
+        data = read_training_slices(cfg)
+    elif data.slices.shape[-2:] != (cfg.size, cfg.size):
+        raise MedsightError(
+            f"pre-read slices are {data.slices.shape[-2:]}, not the configured size {cfg.size}"
+        )
+    slices, bodies, case_ids = data.slices, data.bodies, data.case_ids
     in_channels = int(slices.shape[1])
 
     rng = np.random.default_rng(cfg.seed)
@@ -330,7 +357,7 @@ def train_fewshot(cfg: FewShotConfig) -> dict[str, Any]:
         })  # fmt: skip
 
     config = asdict(cfg)
-    config["data"] = [str(s) for s in sources]
+    config["data"] = data.sources
     payload = {
         "model": {"name": cfg.method, "kind": "fewshot-2d", "head": head, "kwargs": model_kwargs},
         "labels": {0: "background", 1: "foreground"},
