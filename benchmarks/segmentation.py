@@ -2,6 +2,11 @@
 
     python benchmarks/segmentation.py                       # hippocampus + BraTS from ../shared/data
     python benchmarks/segmentation.py --quick               # smoke run on a phantom (seconds)
+    python benchmarks/segmentation.py --spread-only --spread-methods unet2d   # seeds 1, 2 of unet2d
+
+Besides the main runs (training seed = split seed), ``--spread-methods`` are trained again with each of
+``--spread-seeds`` on the same split, for the spread over seeds and the median. Results merge into
+the JSON on disk at the end, so methods can be run in separate processes side by side.
 
 Trains each method on the hippocampus training split (seeded 80/20 split of the 200 cases), segments
 every validation volume, and reports per-class Dice and HD95 (mm), training time, median inference
@@ -132,12 +137,11 @@ def table(results: dict) -> str:
             f"{r['infer_seconds_per_volume']:.3f} | {r['peak_mem_mb']:.0f} | {r['params']:,} | {r['gflops_per_volume']:.3f} | "
             f"{b.get('seconds', float('nan')):.1f} | {b.get('peak_mem_mb', float('nan')):.0f} |"
         )
-    spread = results.get("seed_spread")
-    if spread:
+    for method, spread in results.get("seed_spread", {}).items():
         by_seed = ", ".join(f"seed {k}: {v:.4f}" for k, v in spread["mean_dice_by_seed"].items())
         lines.append(
-            f"\ncontext25d over training seeds ({spread['budget_minutes']:g} min each, same split): {by_seed}; "
-            f"mean {spread['mean']:.4f}, std {spread['std']:.4f}, range {spread['range']:.4f}"
+            f"\n{method} over training seeds ({spread['budget_minutes'] or '-'} min each, same split): {by_seed}; "
+            f"median {spread['median']:.4f}, std {spread['std']:.4f}, range {spread['range']:.4f}"
         )
     return "\n".join(lines)
 
@@ -158,7 +162,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--class-weights", default="auto", choices=["auto", "none"])
     parser.add_argument("--seed", type=int, default=0, help="split seed, and training seed of the main runs")
     parser.add_argument(
-        "--spread-seeds", default="1,2", help="extra context25d training seeds for the spread"
+        "--spread-seeds", default="1,2", help="extra training seeds, for the spread over seeds"
+    )
+    parser.add_argument(
+        "--spread-methods", default="context25d", help="methods trained with every spread seed"
+    )
+    parser.add_argument(
+        "--spread-only",
+        action="store_true",
+        help="skip the main runs: only add spread seeds to main runs already in --out",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument(
@@ -185,43 +197,66 @@ def main(argv=None) -> dict:
 
         args.data = write_phantom_dataset(runs / "phantom", 5, dim=3, seed=0)
         args.brats, args.minutes, args.epochs, args.iters, args.batch_size = None, None, 1, 2, 2
-    results = {
-        "dataset": str(args.data),
-        "budget_minutes": args.minutes,
-        "seed": args.seed,
-        "methods": {},
-        "brats": {},
-    }
-    for method in args.methods.split(","):
-        results["methods"][method] = run_method(method, args.data, runs, args)
-    if args.spread_seeds and not args.quick and "context25d" in results["methods"]:
-        # The main run is the spread's first seed; the others train on the same split and budget.
-        runs_by_seed = {args.seed: results["methods"]["context25d"]["mean_dice"]}
-        for seed in (int(s) for s in args.spread_seeds.split(",")):
-            runs_by_seed[seed] = run_method("context25d", args.data, runs / "spread", args, seed=seed)[
-                "mean_dice"
-            ]
-        scores = list(runs_by_seed.values())
-        results["seed_spread"] = {
-            "method": "context25d",
-            "budget_minutes": args.minutes,
-            "mean_dice_by_seed": runs_by_seed,
-            "mean": float(np.mean(scores)),
-            "std": float(np.std(scores)),
-            "range": float(np.ptp(scores)),
-        }
-    if args.brats and args.brats.is_dir():
-        case = sorted(p for p in (args.brats / "validation").iterdir() if p.is_dir())[0]
-        results["brats_case"] = case.name
-        for method, r in results["methods"].items():
-            results["brats"][method] = brats_inference(r["checkpoint"], case)
+        args.spread_seeds = args.spread_seeds if args.spread_only else ""
     name = "segmentation-quick" if args.quick else "segmentation"
+    methods = args.methods.split(",")
+    spread_seeds = [int(s) for s in args.spread_seeds.split(",") if s]
+    main_runs = {} if args.spread_only else {m: run_method(m, args.data, runs, args) for m in methods}
+    brats = {}
+    if main_runs and args.brats and args.brats.is_dir():
+        case = sorted(p for p in (args.brats / "validation").iterdir() if p.is_dir())[0]
+        brats = {
+            m: {**brats_inference(r["checkpoint"], case), "case": case.name} for m, r in main_runs.items()
+        }
+
+    on_disk = _read_results(args.out / f"{name}.json")["methods"]
+    spread_methods = [m for m in args.spread_methods.split(",") if m] if spread_seeds else []
+    missing = [m for m in spread_methods if m not in main_runs and m not in on_disk]
+    if missing:
+        raise SystemExit(f"no main run of {', '.join(missing)} in {args.out / name}.json to add seeds to")
+    # The other seeds train on the main run's split and budget.
+    spread = {
+        m: {str(seed): run_method(m, args.data, runs / "spread", args, seed=seed)["mean_dice"] for seed in spread_seeds}
+        for m in spread_methods
+    }  # fmt: skip
+
+    # Merged into what is on disk just before writing, so methods can run in parallel processes.
+    results = _read_results(args.out / f"{name}.json")
+    if main_runs:
+        results.update({"dataset": str(args.data), "budget_minutes": args.minutes, "seed": args.seed})
+    results["methods"].update(main_runs)
+    results["brats"].update(brats)
+    for method in main_runs:  # a new main run makes the earlier seeds' runs stale
+        results["seed_spread"].pop(method, None)
+    for method, scores_by_seed in spread.items():
+        by_seed = {
+            str(results["seed"]): results["methods"][method]["mean_dice"],
+            **results["seed_spread"].get(method, {}).get("mean_dice_by_seed", {}),
+            **scores_by_seed,
+        }
+        scores = list(by_seed.values())
+        results["seed_spread"][method] = {
+            "budget_minutes": args.minutes, "mean_dice_by_seed": by_seed, "median": float(np.median(scores)),
+            "mean": float(np.mean(scores)), "std": float(np.std(scores)), "range": float(np.ptp(scores)),
+        }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=2))
     (args.out / f"{name}.md").write_text(table(results) + "\n")
     print(table(results))
-    if "seed_spread" in results:
-        print(json.dumps(results["seed_spread"], indent=2))
+    return results
+
+
+def _read_results(path: Path) -> dict:
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    for key in ("methods", "brats", "seed_spread"):
+        results.setdefault(key, {})
+    spread = results["seed_spread"]
+    if "method" in spread:  # the older layout: one method's spread at the top level, no median
+        spread["median"] = float(np.median(list(spread["mean_dice_by_seed"].values())))
+        results["seed_spread"] = {spread.pop("method"): spread}
+    case = results.pop("brats_case", None)
+    for figures in results["brats"].values():
+        figures.setdefault("case", case)
     return results
 
 

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "segmentation.py"
 KEYS = {"mean_dice", "dice", "hd95_mm", "train_seconds", "infer_seconds_per_volume", "peak_mem_mb", "params",
         "gflops_per_volume", "val_ids"}  # fmt: skip
@@ -35,3 +37,13 @@ def test_quick_benchmark_writes_every_key(tmp_path):
         assert figures["val_ids"] and all(0.0 <= d <= 1.0 for d in figures["dice"].values())
     assert results["methods"]["context25d"]["params"] < results["methods"]["unet2d"]["params"]
     assert "| context25d |" in (tmp_path / "segmentation-quick.md").read_text()
+
+    # another process adds training seeds to unet2d only; the main runs on disk stay as they were
+    bench.main(["--quick", "--quiet", "--spread-only", "--spread-methods", "unet2d", "--spread-seeds", "3",
+                "--out", str(tmp_path), "--runs", str(tmp_path / "runs-seed3")])  # fmt: skip
+    merged = json.loads((tmp_path / "segmentation-quick.json").read_text())
+    assert merged["methods"] == results["methods"]
+    spread = merged["seed_spread"]["unet2d"]
+    assert set(spread["mean_dice_by_seed"]) == {"0", "3"}
+    assert spread["mean_dice_by_seed"]["0"] == results["methods"]["unet2d"]["mean_dice"]
+    assert spread["median"] == np.median(list(spread["mean_dice_by_seed"].values()))
