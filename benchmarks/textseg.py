@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 ALL_CONFIGS = (
     "unet2d@0.25", "unet2d@0.5", "unet2d@1.0", "lvit@0.25", "lvit@0.5", "lvit@1.0",
-    "lvit-notext@1.0", "lvit-noepi@0.25", "lvit-nolv@0.25",
+    "lvit-notext@1.0", "lvit-noepi@0.25", "lvit-nolv@0.25", "lvit-notext@0.25",
 )  # fmt: skip
 VARIANTS = {
     # variant: (method, size, with_text, use_epi, use_lv_loss)
