@@ -10,14 +10,18 @@ unlabeled training slices: the BraTS figures are transductive, the hippocampus o
 
 Evaluation, with case lists fixed by ``--seed`` and written to the results:
 - hippocampus: 5 support candidates and 30 disjoint query cases; structures ``whole`` (labels 1+2),
-  ``anterior`` (1), ``posterior`` (2); k-shot uses the first k candidates; chunk protocol with 3
-  chunks and the query slice range taken from the support (no query label is used).
+  ``anterior`` (1), ``posterior`` (2); k-shot uses the first k candidates, combined by ensembling
+  (the averaged-prototype combination is scored too, as ``average_combination``); chunk protocol
+  with ``--chunks`` (12) chunks and the query slice range taken from the support (no query label
+  is used).
 - BraTS whole tumour (labels > 0), FLAIR: each patient in turn is the query, supports are the other
   patients (1-shot: the next one; k-shot: k of the others, at most 3); and slice propagation within
   each patient from its middle tumour slice (``brats/whole-tumour-propagation``).
 - ``supervised-unet2d``: medsight's unet2d with WeightedCEDiceLoss trained briefly on the support
   volume(s) only (all their slices, the same normalisation) and applied slice by slice.
-Metrics: Dice and HD95 (mm) from ``medsight.evaluate.segmentation_metrics``, seconds per query.
+Every method's masks keep their largest connected piece (``--no-largest-component`` turns it off).
+Metrics: Dice and HD95 (mm) from ``medsight.evaluate.segmentation_metrics``, seconds per query
+(the support set is embedded once per structure and shot count and timed apart: ``support_seconds``).
 Writes ``fewshot.json`` and ``fewshot.md`` (``fewshot-quick.*`` with ``--quick``) into ``--out``.
 """
 
@@ -47,6 +51,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=64, help="working slice size")
     p.add_argument("--supports", type=int, default=5)
     p.add_argument("--queries", type=int, default=30)
+    p.add_argument("--chunks", type=int, default=12, help="chunk protocol: chunks along the slice axis")
+    p.add_argument(
+        "--no-largest-component", dest="largest_component", action="store_false",
+        help="score raw masks (default: every method's masks keep their largest connected piece)",
+    )  # fmt: skip
     p.add_argument("--supervised-seconds", type=float, default=40.0, help="unet2d budget per support set")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true")
@@ -147,15 +156,36 @@ def score(masks_and_refs, times, support_ids, query_ids):
     }
 
 
-def run_fewshot(predictor, supports, queries, structure_values, support_ids, query_ids):
-    rows, times = [], []
+def clean(pred, args):
+    """The same post-processing for every method: keep the largest connected piece."""
+    from medsight.engine.infer import largest_components
+
+    return pred.with_array(largest_components(pred.array[0])[None]) if args.largest_component else pred
+
+
+def run_fewshot(predictor, supports, queries, structure_values, support_ids, query_ids, args):
+    """The support set is embedded once (timed apart), then each query is timed on its own. With
+    several shots, the other k-shot combination (averaged prototypes/weights) is scored too."""
     pairs = [(img, binary(lab, structure_values)) for img, lab in supports]
-    for image, label in queries:
+    result = {}
+    for combine in ("ensemble", "average") if len(pairs) > 1 else ("ensemble",):
         t0 = time.perf_counter()
-        pred = predictor.segment(pairs, image)
-        times.append(time.perf_counter() - t0)
-        rows.append((pred, binary(label, structure_values), image.spacing))
-    return score(rows, times, support_ids, query_ids)
+        prepared = predictor.prepare(pairs, args.chunks, combine)
+        support_seconds = time.perf_counter() - t0
+        rows, times = [], []
+        for image, label in queries:
+            t0 = time.perf_counter()
+            pred = clean(predictor.segment(prepared, image), args)
+            times.append(time.perf_counter() - t0)
+            rows.append((pred, binary(label, structure_values), image.spacing))
+        figures = {**score(rows, times, support_ids, query_ids), "support_seconds": round(support_seconds, 4)}
+        if combine == "ensemble":
+            result = figures
+        else:
+            result["average_combination"] = {
+                k: figures[k] for k in ("mean_dice", "hd95_mm", "dice_per_query")
+            }
+    return result
 
 
 def run_supervised(supports, queries, structure_values, support_ids, query_ids, args):
@@ -164,12 +194,30 @@ def run_supervised(supports, queries, structure_values, support_ids, query_ids, 
     rows, times = [], []
     for image, label in queries:
         t0 = time.perf_counter()
-        pred = predict(image)
+        pred = clean(predict(image), args)
         times.append(time.perf_counter() - t0)
         rows.append((pred, binary(label, structure_values), image.spacing))
     result = score(rows, times, support_ids, query_ids)
     result["train_steps"] = predict.steps
     return result
+
+
+def pooled(per_query: list[dict]) -> dict:
+    """Mean over single-query results of every figure they carry (one query per support set)."""
+
+    def mean(rows, key, digits=4):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return round(float(np.mean(values)), digits) if values else None
+
+    out = {key: mean(per_query, key) for key in ("mean_dice", "seconds_per_query", "support_seconds")}
+    out["hd95_mm"] = mean(per_query, "hd95_mm", 3)
+    if "average_combination" in per_query[0]:
+        combos = [r["average_combination"] for r in per_query]
+        out["average_combination"] = {
+            "mean_dice": mean(combos, "mean_dice"),
+            "hd95_mm": mean(combos, "hd95_mm", 3),
+        }
+    return {k: v for k, v in out.items() if v is not None or k == "hd95_mm"}
 
 
 def middle_slice(mask_array, axis=2):
@@ -197,6 +245,7 @@ def run_propagation(predictors, cases, values, args):
                 pred.array[..., z] = partial[..., z]
             else:
                 pred = predictors[method].propagate(image, ref.with_array(partial))
+            pred = clean(pred, args)
             times.append(time.perf_counter() - t0)
             rows.append((pred, ref, image.spacing))
         ids = list(cases)
@@ -277,7 +326,7 @@ def run(args, log) -> dict:
                     figures = run_supervised(sup, list(queries.values()), values, ids, query_ids, args)
                 else:
                     figures = run_fewshot(
-                        predictors[method], sup, list(queries.values()), values, ids, query_ids
+                        predictors[method], sup, list(queries.values()), values, ids, query_ids, args
                     )
                 results[structure][method][str(k)] = figures
                 log(f"{structure:28s} {method:18s} {k}-shot Dice {figures['mean_dice']:.3f}")
@@ -300,16 +349,10 @@ def run(args, log) -> dict:
                         per_query.append(run_supervised(sup, [cases[q]], [1, 2, 3, 4], others, [q], args))
                     else:
                         per_query.append(
-                            run_fewshot(predictors[method], sup, [cases[q]], [1, 2, 3, 4], others, [q])
+                            run_fewshot(predictors[method], sup, [cases[q]], [1, 2, 3, 4], others, [q], args)
                         )
                 results["brats/whole-tumour"][method][str(k)] = {
-                    "mean_dice": round(float(np.mean([r["mean_dice"] for r in per_query])), 4),
-                    "hd95_mm": round(
-                        float(np.mean([r["hd95_mm"] for r in per_query if r["hd95_mm"] is not None])), 3
-                    ),
-                    "seconds_per_query": round(
-                        float(np.mean([r["seconds_per_query"] for r in per_query])), 4
-                    ),
+                    **pooled(per_query),
                     "support_ids": sup_ids,
                     "query_ids": patients,
                 }
@@ -329,7 +372,10 @@ def run(args, log) -> dict:
             "size": args.size,
             "seed": args.seed,
             "slice_axis": 2,
-            "chunks": 3,
+            "chunks": args.chunks,
+            "kshot_combination": "ensemble (mean of per-shot probabilities); average_combination: "
+            "prototypes/weights averaged",
+            "largest_component": args.largest_component,
             "query_range": "support range mapped proportionally (no query labels)",
             "supervised_seconds": args.supervised_seconds,
         },  # fmt: skip
@@ -349,8 +395,8 @@ def run(args, log) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [
-        "| dataset/structure | method | shots | Dice | HD95 (mm) | s/query |",
-        "|---|---|---|---|---|---|",
+        "| dataset/structure | method | shots | Dice | HD95 (mm) | s/query | s/support set |",
+        "|---|---|---|---|---|---|---|",
     ]
     for structure, methods in report["results"].items():
         for method, per_shot in methods.items():
@@ -358,8 +404,10 @@ def markdown(report: dict) -> str:
                 if "skipped" in f:
                     continue
                 hd = "n/a" if f.get("hd95_mm") is None else f"{f['hd95_mm']:.2f}"
+                support = f"{f['support_seconds']:.3f}" if "support_seconds" in f else "-"
                 lines.append(
-                    f"| {structure} | {method} | {k} | {f['mean_dice']:.3f} | {hd} | {f['seconds_per_query']:.3f} |"
+                    f"| {structure} | {method} | {k} | {f['mean_dice']:.3f} | {hd} | {f['seconds_per_query']:.3f} "
+                    f"| {support} |"
                 )
     return "\n".join(lines) + "\n"
 

@@ -245,6 +245,27 @@ def test_one_shot_beats_chance_on_the_phantom(trained):
     assert np.mean(dice) > max(0.12, 10 * np.mean(chance)), (dice, chance)
 
 
+def test_prepared_support_serves_many_queries(trained):
+    from medsight.datasets.phantom import make_phantom_3d
+    from medsight.tasks.fewshot import FewShotPredictor
+
+    predictor = FewShotPredictor(trained[0]["checkpoint"])
+    support_image, support_label, _ = make_phantom_3d(60)
+    support = [(support_image, support_label.with_array((support_label.array == 1).astype(np.uint8)))]
+    prepared = predictor.prepare(support, chunks=2)
+    assert len(prepared.conditions) == 2 and prepared.ranges[0][2] == support_image.spatial_shape[2]
+    for seed in (61, 62):
+        query, _, _ = make_phantom_3d(seed)
+        once = predictor.segment(prepared, query, query_range=(3, 9))
+        assert np.array_equal(
+            once.array, predictor.segment(support, query, chunks=2, query_range=(3, 9)).array
+        )
+        assert not once.array[0, ..., :3].any() and not once.array[0, ..., 10:].any()  # outside the range
+    flat = Scan(np.zeros((1, 20, 20), np.float32), path="flat.png")
+    with pytest.raises(MedsightError, match="differ in dimensionality"):
+        predictor.prepare([*support, (flat, flat.with_array(np.ones((1, 20, 20), np.uint8)))])
+
+
 def test_propagation_keeps_annotations_and_geometry(trained):
     from medsight.datasets.phantom import make_phantom_3d
     from medsight.tasks.fewshot import FewShotPredictor

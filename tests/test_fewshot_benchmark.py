@@ -27,5 +27,7 @@ def test_quick_benchmark_writes_every_key(tmp_path):
                 assert set(figures) >= KEYS
                 assert 0.0 <= figures["mean_dice"] <= 1.0 and len(figures["support_ids"]) == int(k)
                 assert figures["query_ids"] == report["query_ids"]
+        for head in METHODS - {"supervised-unet2d"}:  # the support set is embedded once, timed apart
+            assert all(f["support_seconds"] > 0 for f in methods[head].values())
     table = (tmp_path / "fewshot-quick.md").read_text()
     assert "| phantom/cyst | local-prototype | 1 |" in table

@@ -67,7 +67,17 @@ def fewshot(
         "--propagate",
         help="Slice propagation: complete each support volume from its annotated slice(s); no queries.",
     ),
-    chunks: int = typer.Option(3, "--chunks", min=1, help="Chunks along the slice axis (volume protocol)."),
+    chunks: int = typer.Option(
+        12, "--chunks", min=1, help="Chunks along the slice axis (volume protocol; the papers use 3)."
+    ),
+    combine: str = typer.Option(
+        "ensemble",
+        "--combine",
+        help="k shots: 'ensemble' averages the shots' predictions, 'average' their prototypes/weights.",
+    ),
+    largest_component: bool = typer.Option(
+        False, "--largest-component", help="Keep only the largest connected piece of each mask."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
 ) -> None:
     """Segment QUERY scans with the structure marked in the support masks, or complete a partly
@@ -85,7 +95,7 @@ def fewshot(
     if not propagate and not queries:
         raise typer.BadParameter("give at least one QUERY scan (or --propagate)")
     try:
-        written = _run(model, pairs, queries, out, propagate, chunks, overwrite)
+        written = _run(model, pairs, queries, out, propagate, chunks, combine, largest_component, overwrite)
     except MedsightError as err:
         print(f"medsight: error: {err}", file=sys.stderr)
         raise typer.Exit(2) from err
@@ -93,7 +103,17 @@ def fewshot(
         typer.echo(str(path))
 
 
-def _run(model, pairs, queries, out: Path, propagate: bool, chunks: int, overwrite: bool) -> list[Path]:
+def _run(
+    model,
+    pairs,
+    queries,
+    out: Path,
+    propagate: bool,
+    chunks: int,
+    combine: str,
+    largest: bool,
+    overwrite: bool,
+) -> list[Path]:
     import numpy as np
 
     from medsight import io
@@ -110,11 +130,13 @@ def _run(model, pairs, queries, out: Path, propagate: bool, chunks: int, overwri
         raise MedsightError("two inputs share a name, so their outputs would collide", out)
     for target in targets:
         io.check_writable(target, overwrite)
+    prepared = None if propagate else predictor.prepare(support, chunks, combine)  # once for every query
     written = []
     for (_, scan, mask), target in zip(jobs, targets, strict=True):
-        result = (
-            predictor.propagate(scan, mask) if propagate else predictor.segment(support, scan, chunks=chunks)
-        )
+        if propagate:
+            result = predictor.propagate(scan, mask)
+        else:
+            result = predictor.segment(prepared, scan, largest_component=largest)
         if scan.ndim == 2:
             result = result.with_array((result.array > 0).astype(np.uint8) * 255)
         written.append(io.write(result, target, overwrite=overwrite))
