@@ -261,6 +261,12 @@ def test_prepared_support_serves_many_queries(trained):
             once.array, predictor.segment(support, query, chunks=2, query_range=(3, 9)).array
         )
         assert not once.array[0, ..., :3].any() and not once.array[0, ..., 10:].any()  # outside the range
+    # the ensemble averages the shots' probabilities: two copies of one shot give the one-shot mask
+    query, _, _ = make_phantom_3d(61)
+    one = predictor.segment(support, query, chunks=2).array
+    assert np.array_equal(predictor.segment(support * 2, query, chunks=2, combine="ensemble").array, one)
+    with pytest.raises(MedsightError, match="unknown k-shot combination 'vote'"):
+        predictor.prepare(support, combine="vote")
     flat = Scan(np.zeros((1, 20, 20), np.float32), path="flat.png")
     with pytest.raises(MedsightError, match="differ in dimensionality"):
         predictor.prepare([*support, (flat, flat.with_array(np.ones((1, 20, 20), np.uint8)))])
