@@ -51,6 +51,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=64, help="working slice size")
     p.add_argument("--supports", type=int, default=5)
     p.add_argument("--queries", type=int, default=30)
+    p.add_argument(
+        "--shared", action="store_true",
+        help="train the three heads together on one encoder (fewshot-shared) for 3 x --minutes",
+    )  # fmt: skip
     p.add_argument("--chunks", type=int, default=12, help="chunk protocol: chunks along the slice axis")
     p.add_argument(
         "--no-largest-component", dest="largest_component", action="store_false",
@@ -298,19 +302,24 @@ def run(args, log) -> dict:
     training = {}
     predictors = {}
     slices = None  # read once, shared by the three heads
-    for head in HEADS:
+    # --shared: one model, the three heads on one encoder, trained for the three heads' summed budget
+    runs_to_train = ["shared"] if args.shared else list(HEADS)
+    if args.shared and "time_limit_minutes" in train_kw:
+        train_kw["time_limit_minutes"] = args.minutes * len(HEADS)
+    for run_name in runs_to_train:
         cfg = FewShotConfig(
-            data=sources, out=str(runs / head), method=f"fewshot-{head}", channels=channels, size=args.size,
-            seed=args.seed, exclude_ids=support_ids + query_ids, overwrite=True, progress=not args.quiet,
-            **train_kw,
+            data=sources, out=str(runs / run_name), method=f"fewshot-{run_name}", channels=channels,
+            size=args.size, seed=args.seed, exclude_ids=support_ids + query_ids, overwrite=True,
+            progress=not args.quiet, **train_kw,
         )  # fmt: skip
         if slices is None:
             log("reading the unlabeled training images ...")
             slices = read_training_slices(cfg)
-        log(f"training {head} ...")
+        log(f"training {run_name} ...")
         summary = train_fewshot(cfg, slices)
-        training[head] = {k: v for k, v in summary.items() if k != "case_ids"}
-        predictors[head] = FewShotPredictor(summary["checkpoint"])
+        for head in HEADS if args.shared else [run_name]:
+            training[head] = {k: v for k, v in summary.items() if k != "case_ids"}
+            predictors[head] = FewShotPredictor(summary["checkpoint"], head=head)
 
     supports = load_cases(dataset, support_ids)
     queries = load_cases(dataset, query_ids)
@@ -369,6 +378,7 @@ def run(args, log) -> dict:
         "quick": args.quick,
         "settings": {
             "minutes_per_head": None if args.quick else args.minutes,
+            "shared_encoder": args.shared,
             "size": args.size,
             "seed": args.seed,
             "slice_axis": 2,

@@ -338,6 +338,14 @@ def test_cli_fewshot_end_to_end(trained, tmp_path):
     again = CliRunner().invoke(app, args)  # the output exists and --overwrite is not given
     assert again.exit_code == 2 and "already exists" in again.output
 
+    from skimage.measure import label as connected
+
+    one_piece = CliRunner().invoke(app, [*args, "--largest-component", "--combine", "average", "--overwrite"])
+    assert one_piece.exit_code == 0, one_piece.output
+    assert connected(io.read(out / "q.nii.gz").array[0] > 0, connectivity=3).max() <= 1
+    bad = CliRunner().invoke(app, [*args, "--combine", "vote", "--overwrite"])
+    assert bad.exit_code == 2 and "unknown k-shot combination 'vote'" in bad.output
+
     partial = np.zeros_like(support_label.array)
     middle = support_label.array.shape[-1] // 2
     partial[..., middle] = support_label.array[..., middle] > 0
@@ -391,3 +399,40 @@ def test_k_shot_volumes_of_different_shapes(trained):
     query = Scan(rng.random((1, 22, 26, 7)).astype(np.float32), np.diag([0.5, 0.5, 2.0, 1.0]))
     mask = predictor.segment(support, query, chunks=2)
     assert mask.same_geometry(query)
+
+
+def test_shared_encoder_trains_every_head(tmp_path, trained):
+    from medsight.datasets.phantom import make_phantom_3d, write_phantom_dataset
+    from medsight.models.fewshot import HEADS
+    from medsight.tasks.fewshot import FewShotConfig, FewShotPredictor, shared_heads, train_fewshot
+
+    write_phantom_dataset(tmp_path / "data", 2, seed=0)
+    cfg = FewShotConfig(
+        data=str(tmp_path / "data"),
+        out=str(tmp_path / "run"),
+        method="fewshot-shared",
+        max_steps=3,
+        progress=False,
+    )
+    summary = train_fewshot(cfg)
+    assert summary["heads"] == list(HEADS)
+    torch.manual_seed(cfg.seed)  # the initial weights, built as training builds them
+    initial = shared_heads(HEADS, {"in_channels": 1})
+    image, label, _ = make_phantom_3d(5)
+    support = [(image, label.with_array((label.array == 1).astype(np.uint8)))]
+    for head in HEADS:
+        predictor = FewShotPredictor(summary["checkpoint"], head=head)
+        assert predictor.head == head
+        changed = {
+            name.split(".")[0]
+            for name, value in predictor.model.state_dict().items()
+            if not torch.equal(value, initial[head].state_dict()[name])
+        }
+        # every head's own part was trained, and so was the encoder they share
+        assert "encoder" in changed and changed - {"encoder"}, (head, changed)
+        assert predictor.segment(support, image).array.shape == label.array.shape
+    assert FewShotPredictor(summary["checkpoint"]).head == "local-prototype"
+    with pytest.raises(MedsightError, match="has no 'unet' head"):
+        FewShotPredictor(summary["checkpoint"], head="unet")
+    with pytest.raises(MedsightError, match="holds the 'local-prototype' head only"):
+        FewShotPredictor(trained[0]["checkpoint"], head="conditional")

@@ -6,16 +6,19 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fewshot.py"
 METHODS = {"prototype", "local-prototype", "conditional", "supervised-unet2d"}
 KEYS = {"mean_dice", "hd95_mm", "seconds_per_query", "support_ids", "query_ids"}
 
 
-def test_quick_benchmark_writes_every_key(tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--shared"]], ids=["three-models", "shared-encoder"])
+def test_quick_benchmark_writes_every_key(tmp_path, flags):
     spec = importlib.util.spec_from_file_location("fewshot_benchmark", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--quick", "--quiet", "--threads", "1", "--out", str(tmp_path)])
+    bench.main(["--quick", "--quiet", "--threads", "1", "--out", str(tmp_path), *flags])
     report = json.loads((tmp_path / "fewshot-quick.json").read_text())
     assert set(report["results"]) == {"phantom/cyst", "phantom/tumour"}
     assert not set(report["support_ids"]) & set(report["query_ids"])
@@ -29,5 +32,8 @@ def test_quick_benchmark_writes_every_key(tmp_path):
                 assert figures["query_ids"] == report["query_ids"]
         for head in METHODS - {"supervised-unet2d"}:  # the support set is embedded once, timed apart
             assert all(f["support_seconds"] > 0 for f in methods[head].values())
+    assert report["settings"]["shared_encoder"] == bool(flags)
+    if flags:  # one checkpoint serves the three heads
+        assert len({report["training"][h]["checkpoint"] for h in METHODS - {"supervised-unet2d"}}) == 1
     table = (tmp_path / "fewshot-quick.md").read_text()
     assert "| phantom/cyst | local-prototype | 1 |" in table

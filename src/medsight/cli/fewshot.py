@@ -75,6 +75,11 @@ def fewshot(
         "--combine",
         help="k shots: 'ensemble' averages the shots' predictions, 'average' their prototypes/weights.",
     ),
+    head: str = typer.Option(
+        None,
+        "--head",
+        help="Head of a fewshot-shared model: prototype, local-prototype (default), conditional.",
+    ),
     largest_component: bool = typer.Option(
         False, "--largest-component", help="Keep only the largest connected piece of each mask."
     ),
@@ -95,7 +100,9 @@ def fewshot(
     if not propagate and not queries:
         raise typer.BadParameter("give at least one QUERY scan (or --propagate)")
     try:
-        written = _run(model, pairs, queries, out, propagate, chunks, combine, largest_component, overwrite)
+        written = _run(
+            model, pairs, queries, out, propagate, chunks, combine, head, largest_component, overwrite
+        )
     except MedsightError as err:
         print(f"medsight: error: {err}", file=sys.stderr)
         raise typer.Exit(2) from err
@@ -111,6 +118,7 @@ def _run(
     propagate: bool,
     chunks: int,
     combine: str,
+    head: str | None,
     largest: bool,
     overwrite: bool,
 ) -> list[Path]:
@@ -120,7 +128,7 @@ def _run(
     from medsight.errors import MedsightError
     from medsight.tasks.fewshot import FewShotPredictor
 
-    predictor = FewShotPredictor(model)
+    predictor = FewShotPredictor(model, head=head)
     support = [(io.read(image), io.read(mask)) for image, mask in pairs]
     jobs = [(image.path, image, mask) for image, mask in support] if propagate else []
     if not propagate:

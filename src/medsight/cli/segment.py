@@ -26,7 +26,8 @@ def train(
         "context25d",
         "--method",
         help="unet2d, context25d, unet3d; or fewshot-prototype, fewshot-local-prototype, "
-        "fewshot-conditional (self-supervised: labels are ignored, see `medsight fewshot`).",
+        "fewshot-conditional, fewshot-shared (the three heads on one encoder; self-supervised: labels are "
+        "ignored, see `medsight fewshot`).",
     ),
     out: Path = typer.Option(
         Path("runs/train"), "-o", "--out", help="Run folder: checkpoints, metrics.csv, curve."

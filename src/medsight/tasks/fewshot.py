@@ -3,7 +3,9 @@
 Training (:func:`train_fewshot`) reads only images, from any dataset layout medsight knows, a plain
 folder of scans, or single files; every 2D image or every slice of a volume (along
 ``slice_axis``) becomes a training slice. Episodes come from superpixel pseudo-labels
-(:class:`medsight.transforms.EpisodeSampler`). The checkpoint records the head, the model
+(:class:`medsight.transforms.EpisodeSampler`). ``fewshot-shared`` trains the three heads together
+on one encoder: each episode is embedded once and the heads' losses are summed, so the encoder gets
+the whole budget instead of a third of it. The checkpoint records the head(s), the model
 arguments, the intensity normalisation, the slice axis and the working size.
 
 Preprocessing, identical at training and inference: each scan is normalised per channel over the
@@ -55,6 +57,7 @@ METHODS: dict[str, str] = {
     "fewshot-prototype": "prototype",
     "fewshot-local-prototype": "local-prototype",
     "fewshot-conditional": "conditional",
+    "fewshot-shared": "all",  # the three heads trained together on one shared encoder
 }
 NORMALISATION = {"name": "percentile-zscore", "clip_percentiles": [0.5, 99.5], "per": "scan and channel"}
 DEFAULT_CHUNKS = 12
@@ -269,6 +272,18 @@ def read_training_slices(cfg: FewShotConfig) -> TrainingSlices:
     )
 
 
+def shared_heads(heads, model_kwargs: dict):
+    """One :class:`FewShotNet` per head, all holding the same encoder module (``ModuleDict``)."""
+    from torch import nn
+
+    from medsight.models.fewshot import FewShotNet
+
+    nets = nn.ModuleDict({h: FewShotNet(head=h, **model_kwargs) for h in heads})
+    for h in heads[1:]:
+        nets[h].encoder = nets[heads[0]].encoder
+    return nets
+
+
 def train_fewshot(cfg: FewShotConfig, data: TrainingSlices | None = None) -> dict[str, Any]:
     """Self-supervised episodic training; writes ``model.pt``, ``metrics.csv`` and ``summary.json``
     into ``cfg.out`` and returns the summary. ``data``: slices already read by
@@ -279,12 +294,12 @@ def train_fewshot(cfg: FewShotConfig, data: TrainingSlices | None = None) -> dic
 
     from medsight.engine import checkpoint
     from medsight.io import write_text
-    from medsight.models.fewshot import FewShotNet
+    from medsight.models.fewshot import HEADS
     from medsight.transforms import EpisodeSampler
 
     if cfg.method not in METHODS:
         raise MedsightError(f"unknown few-shot method '{cfg.method}'; choose one of {', '.join(METHODS)}")
-    head = METHODS[cfg.method]
+    heads = HEADS if METHODS[cfg.method] == "all" else (METHODS[cfg.method],)
     out = Path(cfg.out)
     ckpt_path = out / "model.pt"
     if ckpt_path.exists() and not cfg.overwrite:
@@ -304,10 +319,13 @@ def train_fewshot(cfg: FewShotConfig, data: TrainingSlices | None = None) -> dic
     sampler = EpisodeSampler(
         slices, bodies, rng, cfg.superpixel_scale, cfg.superpixel_sigma, cfg.superpixel_min_size
     )
-    model_kwargs = {"in_channels": in_channels, "head": head, **cfg.model_kwargs}
-    model = FewShotNet(**model_kwargs)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    align_weight = cfg.align_weight if cfg.align_weight is not None else (1.0 if head == "prototype" else 0.0)
+    model_kwargs = {"in_channels": in_channels, **cfg.model_kwargs}
+    nets = shared_heads(heads, model_kwargs)
+    optimiser = torch.optim.AdamW(nets.parameters(), lr=cfg.lr, weight_decay=1e-4)  # shared weights once
+    align_weights = {
+        h: cfg.align_weight if cfg.align_weight is not None else (1.0 if h == "prototype" else 0.0)
+        for h in heads
+    }
     budget = 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
     train_start = time.perf_counter()
     history: list[dict[str, Any]] = []
@@ -320,28 +338,34 @@ def train_fewshot(cfg: FewShotConfig, data: TrainingSlices | None = None) -> dic
 
     bar = tqdm(total=cfg.max_steps, desc=cfg.method, disable=not cfg.progress, leave=False)
     step = 0
-    model.train()
+    nets.train()
     while step < cfg.max_steps and progress_fraction(step) < 1.0:
         lr = cfg.lr * (1 - min(progress_fraction(step), 0.99)) ** 0.9
         for group in optimiser.param_groups:
             group["lr"] = lr
         s_img, s_mask, q_img, q_mask = (torch.from_numpy(a) for a in sampler.batch(cfg.batch_size))
         b = s_img.shape[0]
-        feats = model.embed(torch.cat([s_img, q_img]))
+        feats = nets[heads[0]].embed(torch.cat([s_img, q_img]))  # the encoder runs once for every head
         s_feats, q_feats = feats[:b], feats[b:]
-        logits = model.segment_features(q_feats, model.condition_from_features(s_feats, s_mask, b, 1), size)
-        seg = _segmentation_loss(logits, q_mask)
-        align = torch.zeros(())
-        if align_weight > 0:
-            predicted = logits.argmax(1).detach()
-            found = predicted.flatten(1).any(1)
-            if found.any():
-                back_cond = model.condition_from_features(
-                    q_feats[found], predicted[found], int(found.sum()), 1
-                )
-                back = model.segment_features(s_feats[found], back_cond, size)
-                align = F.cross_entropy(back, s_mask[found].long())
-        loss = seg + align_weight * align
+        seg, align, loss = torch.zeros(()), torch.zeros(()), torch.zeros(())
+        for h in heads:
+            model = nets[h]
+            logits = model.segment_features(
+                q_feats, model.condition_from_features(s_feats, s_mask, b, 1), size
+            )
+            head_seg = _segmentation_loss(logits, q_mask)
+            head_align = torch.zeros(())
+            if align_weights[h] > 0:
+                predicted = logits.argmax(1).detach()
+                found = predicted.flatten(1).any(1)
+                if found.any():
+                    back_cond = model.condition_from_features(
+                        q_feats[found], predicted[found], int(found.sum()), 1
+                    )
+                    back = model.segment_features(s_feats[found], back_cond, size)
+                    head_align = F.cross_entropy(back, s_mask[found].long())
+            loss = loss + head_seg + align_weights[h] * head_align
+            seg, align = seg + head_seg / len(heads), align + head_align / len(heads)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -368,8 +392,15 @@ def train_fewshot(cfg: FewShotConfig, data: TrainingSlices | None = None) -> dic
 
     config = asdict(cfg)
     config["data"] = data.sources
+    single = len(heads) == 1
     payload = {
-        "model": {"name": cfg.method, "kind": "fewshot-2d", "head": head, "kwargs": model_kwargs},
+        "model": {
+            "name": cfg.method,
+            "kind": "fewshot-2d",
+            "heads": list(heads),
+            "kwargs": model_kwargs,
+            **({"head": heads[0]} if single else {}),
+        },
         "labels": {0: "background", 1: "foreground"},
         "preprocessing": {
             "normalisation": NORMALISATION,
@@ -378,8 +409,9 @@ def train_fewshot(cfg: FewShotConfig, data: TrainingSlices | None = None) -> dic
             "slice_axis": cfg.slice_axis,
             "size": [cfg.size, cfg.size],
         },
-        "state_dict": model.state_dict(),
-        "training": {"config": config, "steps": step, "history": history, "align_weight": align_weight},
+        # one head: the plain FewShotNet's weights; several: every head's, the encoder under each
+        "state_dict": nets[heads[0]].state_dict() if single else nets.state_dict(),
+        "training": {"config": config, "steps": step, "history": history, "align_weights": align_weights},
         "data": {"sources": config["data"], "case_ids": case_ids, "slices": int(len(slices))},
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -389,7 +421,8 @@ def train_fewshot(cfg: FewShotConfig, data: TrainingSlices | None = None) -> dic
     write_text(out / "metrics.csv", pd.DataFrame(history).to_csv(index=False), overwrite=True)
     summary = {
         "method": cfg.method,
-        "head": head,
+        "head": heads[0] if single else None,
+        "heads": list(heads),
         "checkpoint": str(ckpt_path),
         "steps": step,
         "episodes": step * cfg.batch_size,
@@ -436,7 +469,8 @@ class PreparedSupport:
 class FewShotPredictor:
     """Segment with a checkpoint from :func:`train_fewshot`; no training at query time."""
 
-    def __init__(self, ckpt_path: str | Path, batch: int = 64):
+    def __init__(self, ckpt_path: str | Path, batch: int = 64, head: str | None = None):
+        """``head``: which head of a ``fewshot-shared`` checkpoint to use (default: local-prototype)."""
         import torch
 
         from medsight.engine import checkpoint
@@ -450,15 +484,27 @@ class FewShotPredictor:
                 self.path,
             )
         self.method = payload["model"]["name"]
-        self.head = payload["model"]["head"]
+        heads = payload["model"].get("heads") or [payload["model"]["head"]]
+        kwargs = {k: v for k, v in payload["model"]["kwargs"].items() if k != "head"}
+        if len(heads) == 1:
+            if head not in (None, heads[0]):
+                raise MedsightError(f"holds the '{heads[0]}' head only, not '{head}'", self.path)
+            self.head = heads[0]
+            self.model = FewShotNet(head=self.head, **kwargs)
+            self.model.load_state_dict(payload["state_dict"])
+        else:
+            self.head = head or ("local-prototype" if "local-prototype" in heads else heads[0])
+            if self.head not in heads:
+                raise MedsightError(f"has no '{self.head}' head; it holds {', '.join(heads)}", self.path)
+            nets = shared_heads(heads, kwargs)
+            nets.load_state_dict(payload["state_dict"])
+            self.model = nets[self.head]
         pre = payload["preprocessing"]
         self.size = tuple(pre["size"])
         self.slice_axis = int(pre["slice_axis"])
         self.in_channels = int(pre["in_channels"])
         self.channels = pre.get("channels")
         self.batch = int(batch)
-        self.model = FewShotNet(**payload["model"]["kwargs"])
-        self.model.load_state_dict(payload["state_dict"])
         self.model.eval()
         self._torch = torch
 
