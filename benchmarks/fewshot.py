@@ -1,9 +1,10 @@
 """Few-shot benchmark: three heads trained without labels vs a supervised unet2d trained on the supports.
 
-    python benchmarks/fewshot.py                 # hippocampus + BraTS from ../shared/data (~60 min, 2 cores)
+    python benchmarks/fewshot.py --threads 1     # hippocampus + BraTS from ../shared/data (~55 min)
     python benchmarks/fewshot.py --quick         # smoke run on a phantom written to a temp folder
 
-Training (per head, ``--minutes`` each): self-supervised superpixel episodes on the hippocampus
+Training: the three heads on one shared encoder (``fewshot-shared``) for 3 x ``--minutes``, or with
+``--separate`` one model per head for ``--minutes`` each; self-supervised superpixel episodes on the hippocampus
 images outside the evaluation lists plus the BraTS FLAIR volumes (images only; no label file is
 opened). BraTS has four patients only, so their FLAIR images (never their labels) are among the
 unlabeled training slices: the BraTS figures are transductive, the hippocampus ones are not.
@@ -52,8 +53,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--supports", type=int, default=5)
     p.add_argument("--queries", type=int, default=30)
     p.add_argument(
-        "--shared", action="store_true",
-        help="train the three heads together on one encoder (fewshot-shared) for 3 x --minutes",
+        "--separate", dest="shared", action="store_false",
+        help="three models, one per head, --minutes each (default: the three heads on one encoder, "
+        "fewshot-shared, for 3 x --minutes)",
     )  # fmt: skip
     p.add_argument("--chunks", type=int, default=12, help="chunk protocol: chunks along the slice axis")
     p.add_argument(
@@ -302,7 +304,7 @@ def run(args, log) -> dict:
     training = {}
     predictors = {}
     slices = None  # read once, shared by the three heads
-    # --shared: one model, the three heads on one encoder, trained for the three heads' summed budget
+    # default: one model, the three heads on one encoder, trained for the three heads' summed budget
     runs_to_train = ["shared"] if args.shared else list(HEADS)
     if args.shared and "time_limit_minutes" in train_kw:
         train_kw["time_limit_minutes"] = args.minutes * len(HEADS)

@@ -13,7 +13,7 @@ METHODS = {"prototype", "local-prototype", "conditional", "supervised-unet2d"}
 KEYS = {"mean_dice", "hd95_mm", "seconds_per_query", "support_ids", "query_ids"}
 
 
-@pytest.mark.parametrize("flags", [[], ["--shared"]], ids=["three-models", "shared-encoder"])
+@pytest.mark.parametrize("flags", [[], ["--separate"]], ids=["shared-encoder", "three-models"])
 def test_quick_benchmark_writes_every_key(tmp_path, flags):
     spec = importlib.util.spec_from_file_location("fewshot_benchmark", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
@@ -32,8 +32,8 @@ def test_quick_benchmark_writes_every_key(tmp_path, flags):
                 assert figures["query_ids"] == report["query_ids"]
         for head in METHODS - {"supervised-unet2d"}:  # the support set is embedded once, timed apart
             assert all(f["support_seconds"] > 0 for f in methods[head].values())
-    assert report["settings"]["shared_encoder"] == bool(flags)
-    if flags:  # one checkpoint serves the three heads
+    assert report["settings"]["shared_encoder"] == (not flags)
+    if not flags:  # one checkpoint serves the three heads
         assert len({report["training"][h]["checkpoint"] for h in METHODS - {"supervised-unet2d"}}) == 1
     table = (tmp_path / "fewshot-quick.md").read_text()
     assert "| phantom/cyst | local-prototype | 1 |" in table

@@ -29,8 +29,8 @@ Inference (:class:`FewShotPredictor`):
   outside the query range are background.
 - k shots (``combine``): ``"ensemble"`` (default) segments the query once per shot and averages the
   foreground probabilities; ``"average"`` averages the prototypes or conditioning weights of the
-  shots into one (PANet, Roy et al.). With 5 shots the ensemble was better on hippocampus in the
-  benchmark, by up to 6.6 Dice points (see the README).
+  shots into one (PANet, Roy et al.). With 5 shots the ensemble was better for the prototype head on
+  hippocampus in the benchmark, by up to 7.8 Dice points (see the README).
 - ``largest_component``: keep only the largest connected piece of the mask (26-connectivity in 3D),
   for structures known to be in one piece.
 - Slice propagation inside one volume: the slices with a non-empty mask are the annotated ones;
