@@ -215,15 +215,17 @@ def pooled(per_query: list[dict]) -> dict:
         values = [r[key] for r in rows if r.get(key) is not None]
         return round(float(np.mean(values)), digits) if values else None
 
-    out = {key: mean(per_query, key) for key in ("mean_dice", "seconds_per_query", "support_seconds")}
+    out = {key: mean(per_query, key) for key in ("mean_dice", "seconds_per_query")}
     out["hd95_mm"] = mean(per_query, "hd95_mm", 3)
+    if "support_seconds" in per_query[0]:  # few-shot heads only
+        out["support_seconds"] = mean(per_query, "support_seconds")
     if "average_combination" in per_query[0]:
         combos = [r["average_combination"] for r in per_query]
         out["average_combination"] = {
             "mean_dice": mean(combos, "mean_dice"),
             "hd95_mm": mean(combos, "hd95_mm", 3),
         }
-    return {k: v for k, v in out.items() if v is not None or k == "hd95_mm"}
+    return out
 
 
 def middle_slice(mask_array, axis=2):

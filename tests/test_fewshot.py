@@ -352,10 +352,14 @@ def test_cli_fewshot_end_to_end(trained, tmp_path):
     io.write(support_label.with_array(partial), tmp_path / "partial.nii.gz")
     run = CliRunner().invoke(
         app, ["fewshot", "-m", summary["checkpoint"], "--support", str(tmp_path / "s.nii.gz"),
-              str(tmp_path / "partial.nii.gz"), "--propagate", "-o", str(tmp_path / "prop")],
+              str(tmp_path / "partial.nii.gz"), "--propagate", "--largest-component", "-o", str(tmp_path / "prop")],
     )  # fmt: skip
     assert run.exit_code == 0, run.output
-    assert io.read(tmp_path / "prop" / "s.nii.gz").same_geometry(support)
+    propagated = io.read(tmp_path / "prop" / "s.nii.gz")
+    assert propagated.same_geometry(support)
+    assert (
+        connected(propagated.array[0] > 0, connectivity=3).max() <= 1
+    )  # --largest-component applies here too
 
 
 def test_cli_fewshot_2d_and_bad_input(trained, tmp_path):

@@ -142,7 +142,7 @@ def _run(
     written = []
     for (_, scan, mask), target in zip(jobs, targets, strict=True):
         if propagate:
-            result = predictor.propagate(scan, mask)
+            result = predictor.propagate(scan, mask, largest_component=largest)
         else:
             result = predictor.segment(prepared, scan, largest_component=largest)
         if scan.ndim == 2:

@@ -672,7 +672,9 @@ class FewShotPredictor:
                 )
         return self._as_scan(query, from_slices(out, axis, 3), largest_component)
 
-    def propagate(self, volume: Scan, mask: Scan, stop_at_empty: bool = True) -> Scan:
+    def propagate(
+        self, volume: Scan, mask: Scan, stop_at_empty: bool = True, largest_component: bool = False
+    ) -> Scan:
         """Complete a partly annotated volume: slices with a non-empty mask are the supports."""
         binary = _binary_mask(volume, mask)
         if volume.ndim != 3:
@@ -699,4 +701,4 @@ class FewShotPredictor:
                 towards_support = q - 1 if q > nearest[q] else q + 1
                 if towards_support in nearest and not out[towards_support].any():
                     out[q] = False
-        return self._as_scan(volume, from_slices(out, axis, 3))
+        return self._as_scan(volume, from_slices(out, axis, 3), largest_component)
