@@ -9,7 +9,7 @@ import torch
 
 from medsight import io
 from medsight.errors import MedsightError
-from medsight.models.lvit import PLAM, lvit
+from medsight.models.lvit import PLAM, LViT, lvit
 from medsight.tasks.lvit import (
     TextSegConfig,
     TextSegPredictor,
@@ -132,6 +132,17 @@ def test_lvit_output_shape_for_odd_sizes(size, with_text):
         assert (out - bare).abs().max() > 1e-4  # the text does change the prediction
     else:
         torch.testing.assert_close(out, bare)  # the no-text ablation ignores it
+
+
+@pytest.mark.parametrize("stem", [True, False])
+def test_lvit_first_level_scale_follows_the_stem(stem):
+    net = LViT(3, 2, width=8, stem=stem).eval()
+    seen = []
+    net.encoders[0].register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape[-2:])))
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 45, 70))  # padded to 64 x 96 (multiple of 32) or 48 x 80 (16)
+    assert out.shape == (1, 2, 45, 70)
+    assert seen == [(32, 48)] if stem else seen == [(48, 80)]
 
 
 def test_lvit_padded_words_do_not_matter():

@@ -1,11 +1,17 @@
 """LViT: a U-shaped CNN branch and a ViT branch side by side, with text fused into the ViT branch
 (Li et al., IEEE TMI 2023, arXiv 2206.14718; METHODS.md section 2). Our own implementation.
 
-Layout (``w`` = ``width``; the CNN works at scales 1, 1/2, 1/4, 1/8 with 1, 2, 4, 8 times ``w``
-channels and a bottleneck at 1/16):
+Layout (``w`` = ``width``; the U has four CNN levels with 1, 2, 4, 8 times ``w`` channels and a
+bottleneck one scale below the last):
 
-- every ViT stage works on one shared token grid of ``H/16 x W/16`` tokens. Down stage ``i``
-  patch-embeds the CNN map of scale ``1/2^i`` with patches of ``16/2^i`` pixels, adds the tokens
+- a **stem** (3x3 conv, stride 2, ``w`` channels) puts the first level at scale 1/2, and a
+  full-resolution refinement (the upsampled decoder output concatenated with the input, one 3x3
+  conv) precedes the 1x1 head. This is how MONAI's U-Net spends its compute too (its first level
+  is already strided). On this CPU it makes a training step 2.4x faster than levels starting at
+  full resolution, with the same parameters, and the budgeted benchmark scores higher for it
+  (README). ``stem=False`` keeps the first level at full resolution, as in the paper's figure;
+- every ViT stage works on one shared token grid, 16 pixels of the first level per token. Down
+  stage ``i`` patch-embeds the level-``i`` map with patches of ``16/2^i`` pixels, adds the tokens
   carried from the previous stage (linearly widened), runs ``depth`` pre-norm transformer layers,
   and *reconstructs* the tokens back into the CNN map (bilinear upsampling + 1x1 conv, added):
   that is the feature exchange, both ways, at every scale;
@@ -20,7 +26,8 @@ channels and a bottleneck at 1/16):
 ``forward`` then ignores any text. With ``with_text=True`` an image without text (``text=None``
 or an all-False mask) is segmented from the image alone: no word enters the attention.
 
-Any ``H, W``: the input is zero-padded to a multiple of 16 and the output cropped back.
+Any ``H, W``: the input is zero-padded at the end to a multiple of the total stride (32 with the
+stem, 16 without), and to at least twice that, and the output is cropped back.
 """
 
 from __future__ import annotations
@@ -137,6 +144,7 @@ class LViT(nn.Module):
         heads: int = 2,
         with_text: bool = True,
         text_dim: int = TEXT_DIM,
+        stem: bool = True,
     ):
         super().__init__()
         if in_channels < 1 or num_classes < 2:
@@ -145,8 +153,18 @@ class LViT(nn.Module):
             raise ValueError(f"width ({width}) must be a positive multiple of heads ({heads})")
         self.with_text = bool(with_text)
         widths = [width * 2**i for i in range(LEVELS)]
+        self.stem = self.refine = None  # the strided stem and its full-resolution counterpart
+        if stem:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, width, 3, stride=2, padding=1, bias=False),
+                nn.InstanceNorm2d(width, affine=True),
+                nn.LeakyReLU(0.01, inplace=True),
+            )
+            self.refine = conv_norm_act2d(width + in_channels, width)
+        self.multiple = GRID_STRIDE * (2 if stem else 1)
+        first_in = width if stem else in_channels
         self.encoders = nn.ModuleList(
-            _double_conv(in_channels if i == 0 else widths[i - 1], widths[i]) for i in range(LEVELS)
+            _double_conv(first_in if i == 0 else widths[i - 1], widths[i]) for i in range(LEVELS)
         )
         self.bottleneck = _double_conv(widths[-1], widths[-1])
         self.down_vit = nn.ModuleList(
@@ -167,14 +185,18 @@ class LViT(nn.Module):
     def forward(
         self, x: torch.Tensor, text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        x, crop = pad_to_multiple(x, GRID_STRIDE)
+        height, width = x.shape[-2:]
+        # At least two bottleneck pixels a side: instance norm needs more than one value.
+        x = F.pad(x, (0, max(0, 2 * self.multiple - width), 0, max(0, 2 * self.multiple - height)))
+        x, _ = pad_to_multiple(x, self.multiple)
         words = None
         if self.with_text and text is not None:
             if text_mask is None:
                 text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
             words = self.text_projection(text.to(x.dtype)) + self.text_type
 
-        skips, tokens_per_level, tokens, h = [], [], None, x
+        skips, tokens_per_level, tokens = [], [], None
+        h = x if self.stem is None else self.stem(x)
         for level, (encoder, stage) in enumerate(zip(self.encoders, self.down_vit, strict=True)):
             h = encoder(h if level == 0 else F.max_pool2d(h, 2))
             tokens, h = stage(h, tokens, words if level == 0 else None, text_mask if level == 0 else None)
@@ -185,7 +207,10 @@ class LViT(nn.Module):
             h = F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False)
             h = self.decoders[level](torch.cat([h, self.skip_attention[level](skips[level])], dim=1))
             _, h = self.up_vit[level](h, tokens_per_level[level])
-        return self.head(h)[crop]
+        if self.stem is not None:
+            h = F.interpolate(h, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            h = self.refine(torch.cat([h, x], dim=1))
+        return self.head(h)[..., :height, :width]
 
 
 def lvit(
@@ -195,7 +220,7 @@ def lvit(
     with_text: bool = True,
 ) -> LViT:
     """LViT in its ``small`` (width 16, one transformer layer per stage, 2 heads) or ``large``
-    (width 32, two layers, 4 heads) configuration."""
+    (width 32, two layers, 4 heads) configuration, both with the strided stem."""
     if size not in LVIT_SIZES:
         raise ValueError(f"size must be one of {', '.join(LVIT_SIZES)}, not {size!r}")
     return LViT(in_channels, num_classes, with_text=with_text, **LVIT_SIZES[size])
