@@ -68,12 +68,16 @@ def fewshot(
         help="Slice propagation: complete each support volume from its annotated slice(s); no queries.",
     ),
     chunks: int = typer.Option(
-        12, "--chunks", min=1, help="Chunks along the slice axis (volume protocol; the papers use 3)."
+        12,
+        "--chunks",
+        min=1,
+        help="Chunks along the slice axis (volume protocol; the papers use 3). Not used with --propagate.",
     ),
     combine: str = typer.Option(
         "ensemble",
         "--combine",
-        help="k shots: 'ensemble' averages the shots' predictions, 'average' their prototypes/weights.",
+        help="k shots: 'ensemble' averages the shots' predictions, 'average' their prototypes/weights. "
+        "Not used with --propagate (each slice takes the nearest annotated slice as its support).",
     ),
     head: str = typer.Option(
         None,
