@@ -203,3 +203,18 @@ def test_corrupt_checkpoint(tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     result = run_cli("predict", str(scan), "--model", str(tmp_path / "other.pt"), "-o", str(tmp_path / "out"))
     assert result.returncode == 2 and "not a medsight checkpoint" in result.stderr
+
+
+def test_weights_of_another_layout_give_a_one_line_error(trained, tmp_path):
+    """A checkpoint whose weights do not fit the network this version builds (an older layout)."""
+    payload = torch.load(trained["best"], map_location="cpu", weights_only=False)
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if "head" not in k}
+    payload["medsight_version"] = "0.0.1"
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    scan = tmp_path / "s.nii.gz"
+    io.write(Scan(np.zeros((1, 8, 8, 4), np.float32)), scan)
+    result = run_cli("predict", str(scan), "--model", str(old), "-o", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "old.pt: weights do not fit" in result.stderr and "medsight 0.0.1" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -44,3 +44,17 @@ def load(path: str | Path, method: str | None = None) -> dict[str, Any]:
     if method is not None and payload["model"]["name"] != method:
         raise MedsightError(f"checkpoint is for method '{payload['model']['name']}', not '{method}'", path)
     return payload
+
+
+def load_weights(model, payload: dict[str, Any], path: str | Path) -> None:
+    """``model.load_state_dict`` with a one-line error when the weights do not fit the network
+    (a checkpoint written by a medsight version whose network had another layout)."""
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        version = payload.get("medsight_version", "unknown")
+        raise MedsightError(
+            f"weights do not fit this version's '{payload['model']['name']}' network "
+            f"(checkpoint written by medsight {version}); retrain or use that version",
+            path,
+        ) from exc

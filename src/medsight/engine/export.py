@@ -17,7 +17,7 @@ def export_onnx(ckpt: str | Path, target: str | Path, overwrite: bool = False) -
     payload = checkpoint.load(ckpt)
     info = payload["model"]
     model = build_model(info["name"], **info["kwargs"])
-    model.load_state_dict(payload["state_dict"])
+    checkpoint.load_weights(model, payload, ckpt)
     model.eval()
     channels = payload["preprocessing"]["in_channels"]
     patch = [round_up(p) for p in payload["patch"]]

@@ -109,7 +109,7 @@ class Predictor:
             from medsight.models.registry import build_model
 
             self.model = build_model(self.model_info["name"], **self.model_info["kwargs"])
-            self.model.load_state_dict(payload["state_dict"])
+            checkpoint.load_weights(self.model, payload, self.path)
             self.model.eval()
 
             def forward(x: np.ndarray) -> np.ndarray:

@@ -491,13 +491,13 @@ class FewShotPredictor:
                 raise MedsightError(f"holds the '{heads[0]}' head only, not '{head}'", self.path)
             self.head = heads[0]
             self.model = FewShotNet(head=self.head, **kwargs)
-            self.model.load_state_dict(payload["state_dict"])
+            checkpoint.load_weights(self.model, payload, self.path)
         else:
             self.head = head or ("local-prototype" if "local-prototype" in heads else heads[0])
             if self.head not in heads:
                 raise MedsightError(f"has no '{self.head}' head; it holds {', '.join(heads)}", self.path)
             nets = shared_heads(heads, kwargs)
-            nets.load_state_dict(payload["state_dict"])
+            checkpoint.load_weights(nets, payload, self.path)
             self.model = nets[self.head]
         pre = payload["preprocessing"]
         self.size = tuple(pre["size"])

@@ -686,7 +686,7 @@ class TextSegPredictor:
         self.text_info = payload["text"]
         self.data = payload.get("data", {})
         self.model = build_network(self.model_info)
-        self.model.load_state_dict(payload["state_dict"])
+        checkpoint.load_weights(self.model, payload, self.path)
         self.model.eval()
         self.encoder = TextEncoder(int(self.text_info["max_tokens"]), text_cache) if self.uses_text else None
 
