@@ -48,7 +48,7 @@ def run_method(method: str, data: Path, out: Path, args, seed: int | None = None
     from medsight.engine.infer import Predictor
     from medsight.engine.train import TrainConfig, train
     from medsight.evaluate import segmentation_metrics
-    from medsight.models.summary import count_parameters, flops_per_volume
+    from medsight.models.summary import count_parameters, flops_per_volume, slices_first
 
     cfg = TrainConfig(
         method=method, data=str(data), out=str(out / f"{method}-seed{args.seed if seed is None else seed}"),
@@ -82,7 +82,7 @@ def run_method(method: str, data: Path, out: Path, args, seed: int | None = None
         [dataset.load_case(dataset.case(c))[0].spatial_shape for c in val_ids[:10]], axis=0
     ).astype(int)
     kind = predictor.kind
-    volume = (shape[2], shape[0], shape[1])  # flops helpers slide along the first axis
+    volume = slices_first(shape, predictor.pre.slice_axis)
     return {
         "mean_dice": float(np.mean(list(dice.values()))),
         "dice": dice,
@@ -97,6 +97,7 @@ def run_method(method: str, data: Path, out: Path, args, seed: int | None = None
         )
         / 1e9,
         "volume_shape_for_flops": [int(s) for s in shape],
+        "slice_axis": None if kind == "3d" else predictor.pre.slice_axis,
         "val_ids": val_ids,
         "checkpoint": summary["best"],
     }

@@ -96,6 +96,39 @@ def test_onnx_export_gives_the_same_masks(trained, phantom, tmp_path):
     assert (torch_labels.array != onnx_labels.array).mean() < 1e-4
 
 
+def _box_label(shape, box) -> Scan:
+    array = np.zeros((1, *shape), np.int64)
+    array[(0, *(slice(a, b) for a, b in box))] = 1
+    return Scan(array, np.eye(4))
+
+
+def test_slice_axis_is_the_coarsest_or_else_across_the_labels_long_axis():
+    from medsight.engine.preprocess import choose_slice_axis
+
+    along_y = _box_label((30, 40, 30), [(10, 16), (5, 35), (10, 18)])  # 6 x 30 x 8 voxels
+    along_x = _box_label((30, 40, 30), [(2, 28), (10, 14), (10, 14)])
+    empty = _box_label((30, 40, 30), [(0, 0)] * 3)
+    assert choose_slice_axis(np.array([1.0, 1.0, 3.0]), [along_y]) == 2  # thick slices win over shape
+    assert choose_slice_axis(np.array([0.8, 2.0, 0.8]), [along_y]) == 1
+    assert choose_slice_axis(np.array([1.0, 1.0, 1.0]), [along_y, along_y, along_x]) == 1  # median
+    assert choose_slice_axis(np.array([1.0, 1.0, 1.0]), [along_x]) == 0
+    assert choose_slice_axis(np.array([1.0, 1.0, 1.0]), [empty]) == 2
+
+
+def test_a_chosen_slice_axis_is_trained_stored_and_predicted_along(phantom, tmp_path):
+    """Slices along voxel axis 0 of the 64x64x40 phantom: in-plane patches are 64 x 40 (padded to 48)."""
+    summary = train(
+        TrainConfig(
+            method="unet2d", data=str(phantom), out=str(tmp_path), slice_axis=0, **{**TINY, "epochs": 1}
+        )
+    )
+    payload = checkpoint.load(summary["best"])
+    assert payload["preprocessing"]["slice_axis"] == 0 and payload["patch"] == [64, 48]
+    image = io.read(next((phantom / "imagesTr").glob("*.nii.gz")))
+    labels, _ = Predictor(summary["best"]).predict(image)
+    assert labels.spatial_shape == image.spatial_shape == (64, 64, 40)
+
+
 def test_class_weights_by_hand():
     labels = [np.array([0] * 90 + [1] * 9 + [2] * 1)]
     assert np.allclose(class_weights(labels, 3), [1.0, 1 + np.log(10), 1 + np.log(90)])

@@ -37,6 +37,13 @@ def train(
     batch_size: int = typer.Option(16, min=1),
     lr: float = typer.Option(2e-3),
     slices: int = typer.Option(5, help="Slices per stack for context25d (odd)."),
+    slice_axis: int = typer.Option(
+        None,
+        min=0,
+        max=2,
+        help="Voxel axis that 2D/2.5D methods slide along. Default: the coarsest axis, or for "
+        "isotropic scans the one along which the labels extend furthest.",
+    ),
     val_fraction: float = typer.Option(0.2, help="Share of cases held out when the layout has no split."),
     seed: int = typer.Option(0, help="Seeds the split, the weights and the sampling: same seed, same run."),
     split_seed: int = typer.Option(None, help="Seed of the train/validation split only (default: --seed)."),
@@ -81,6 +88,7 @@ def train(
             batch_size=batch_size,
             lr=lr,
             slices=slices,
+            slice_axis=slice_axis,
             val_fraction=val_fraction,
             seed=seed,
             split_seed=split_seed,
@@ -160,19 +168,19 @@ def export(
 def summary(
     name: str = typer.Argument(..., help="unet2d, context25d or unet3d."),
     volume: str = typer.Option("36,52,36", help="Volume shape X,Y,Z for FLOPs per volume."),
+    slice_axis: int = typer.Option(2, min=0, max=2, help="Axis that 2D/2.5D models slide along."),
     in_channels: int = typer.Option(1),
     num_classes: int = typer.Option(3),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Parameters and FLOPs (torch.utils.flop_counter) per slice and per volume."""
     from medsight.models.registry import build_model, get_spec
-    from medsight.models.summary import model_summary
+    from medsight.models.summary import model_summary, slices_first
 
     shape = tuple(int(v) for v in volume.split(","))
     kwargs = {"slices": 5} if get_spec(name).input_kind == "2.5d" else {}
     model = build_model(name, in_channels, num_classes, **kwargs)
-    # FLOPs helpers count slices along the first axis: (D, H, W) = (Z, X, Y)
-    facts = model_summary(name, model, (shape[2], shape[0], shape[1]), in_channels)
+    facts = model_summary(name, model, slices_first(shape, slice_axis), in_channels)
     typer.echo(
         json.dumps(facts, indent=2) if as_json else "\n".join(f"{k:>22}: {v}" for k, v in facts.items())
     )

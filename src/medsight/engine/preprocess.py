@@ -17,6 +17,25 @@ import numpy as np
 from medsight.scan import Scan
 
 
+def choose_slice_axis(spacing: np.ndarray, labels: list[Scan]) -> int:
+    """The spatial axis that slice-wise models slide along.
+
+    Anisotropic scans: the coarsest axis, as nnU-Net's 2D configuration does, so every slice keeps
+    full in-plane detail. Near-isotropic scans: the axis along which the labelled structures extend
+    furthest (median over the training cases), so the slices cut across the structure's long axis
+    and a k-slice stack carries context along it. On the hippocampus (isotropic 1 mm, long axis
+    anterior-posterior, which also separates its two labels) this coronal slicing gave context25d
+    0.854 mean Dice against 0.843 for axial and 0.824 for sagittal slices. Without any foreground,
+    the last axis.
+    """
+    if np.ptp(spacing) > 0.01 * spacing.max():
+        return int(np.argmax(spacing))
+    extents = [np.ptp(np.argwhere(lab.array[0] > 0), axis=0) for lab in labels if (lab.array[0] > 0).any()]
+    if not extents:
+        return len(spacing) - 1
+    return int(np.argmax(np.median(extents, axis=0)))
+
+
 @dataclass
 class Preprocessing:
     target_spacing: list[float] | None  # None: keep each scan's grid
@@ -34,11 +53,19 @@ class Preprocessing:
 
     @classmethod
     def fit(
-        cls, scans: list[Scan], labels: list[Scan], modality: str | None, slice_wise: bool
+        cls,
+        scans: list[Scan],
+        labels: list[Scan],
+        modality: str | None,
+        slice_wise: bool,
+        slice_axis: int | None = None,
     ) -> Preprocessing:
         spacings = np.array([s.spacing for s in scans])
         median = np.median(spacings, axis=0)
-        slice_axis = int(np.argmax(median)) if np.ptp(median) > 0.01 * median.max() else len(median) - 1
+        if slice_axis is None:
+            slice_axis = choose_slice_axis(median, labels)
+        elif not 0 <= slice_axis < len(median):
+            raise ValueError(f"slice axis must be one of 0..{len(median) - 1}, got {slice_axis}")
         target = [float(x) for x in median]
         if slice_wise:
             target[slice_axis] = -1.0  # MONAI Spacing: a non-positive pixdim keeps the native spacing

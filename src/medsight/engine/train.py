@@ -35,6 +35,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 2e-3
     slices: int = 5
+    slice_axis: int | None = None  # for 2D/2.5D methods; None chooses (preprocess.choose_slice_axis)
     patience: int = 10  # epochs without a better validation Dice before stopping
     augmentation: str = "spatial"  # "none", "intensity" or "spatial" (rotation and scaling too)
     class_weights: str = "auto"  # "auto": log-damped inverse frequency; "none": plain cross-entropy
@@ -101,7 +102,11 @@ def prepare_data(cfg: TrainConfig, slice_wise: bool, rank: int = 0):
     labels = {v: dataset.labels.get(v, f"label_{v}") for v in values}
     lut = _label_lookup(values)
     pre = Preprocessing.fit(
-        [i for i, _ in train_pairs], [lab for _, lab in train_pairs], dataset.modality, slice_wise
+        [i for i, _ in train_pairs],
+        [lab for _, lab in train_pairs],
+        dataset.modality,
+        slice_wise,
+        cfg.slice_axis,
     )
 
     def apply(pairs):

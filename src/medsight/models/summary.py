@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from medsight.models.registry import get_spec
 
-__all__ = ["count_parameters", "flops", "flops_per_volume", "model_summary"]
+__all__ = ["count_parameters", "flops", "flops_per_volume", "model_summary", "slices_first"]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
@@ -42,6 +42,12 @@ def flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())
+
+
+def slices_first(shape: Sequence[int], slice_axis: int) -> tuple[int, ...]:
+    """A volume shape reordered to ``(D, H, W)`` with the slice axis first, as the helpers below take it."""
+    rest = [int(n) for a, n in enumerate(shape) if a != slice_axis]
+    return (int(shape[slice_axis]), *rest)
 
 
 def flops_per_volume(
