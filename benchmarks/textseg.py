@@ -31,13 +31,15 @@ ALL_CONFIGS = (
     "lvit-notext@1.0", "lvit-noepi@0.25", "lvit-nolv@0.25", "lvit-notext@0.25",
 )  # fmt: skip
 VARIANTS = {
-    # variant: (method, size, with_text, use_epi, use_lv_loss)
-    "unet2d": ("unet2d", "small", False, False, False),
-    "lvit": ("lvit", "small", True, True, True),
-    "lvit-large": ("lvit", "large", True, True, True),
-    "lvit-notext": ("lvit", "small", False, True, True),
-    "lvit-noepi": ("lvit", "small", True, False, True),
-    "lvit-nolv": ("lvit", "small", True, True, False),
+    # variant: (method, size, with_text, use_epi, use_lv_loss, grounded)
+    "unet2d": ("unet2d", "small", False, False, False, False),
+    "lvit": ("lvit", "small", True, True, True, False),
+    "lvit-large": ("lvit", "large", True, True, True, False),
+    "lvit-notext": ("lvit", "small", False, True, True, False),
+    "lvit-noepi": ("lvit", "small", True, False, True, False),
+    "lvit-nolv": ("lvit", "small", True, True, False, False),
+    "lvit-grounded": ("lvit", "small", True, True, True, True),
+    "lvit-grounded-notext": ("lvit", "small", False, True, True, True),
 }
 
 
@@ -105,9 +107,10 @@ def run_config(name: str, data: Path, test_folder: Path, runs: Path, args) -> di
     from medsight.tasks.lvit import TextSegConfig, train_textseg
 
     variant, fraction = parse_config(name)
-    method, size, with_text, use_epi, use_lv = VARIANTS[variant]
+    method, size, with_text, use_epi, use_lv, grounded = VARIANTS[variant]
     cfg = TextSegConfig(
         data=str(data), out=str(runs / name.replace("@", "_")), method=method, size=size, with_text=with_text,
+        grounded=grounded,
         labeled_fraction=fraction, use_epi=use_epi, use_lv_loss=use_lv, crop_size=args.crop,
         image_scale=args.scale, batch_size=args.batch_size, epochs=args.epochs, iters_per_epoch=args.iters,
         seed=args.seed, time_limit_minutes=args.minutes, text_cache=str(runs / "text_cache"), overwrite=True,
@@ -129,7 +132,7 @@ def run_config(name: str, data: Path, test_folder: Path, runs: Path, args) -> di
         "labeled_fraction": fraction,
         "labeled_ids": summary["labeled_ids"],
         "settings": {
-            "method": method, "size": size, "with_text": with_text, "use_epi": summary["use_epi"],
+            "method": method, "size": size, "with_text": with_text, "grounded": grounded, "use_epi": summary["use_epi"],
             "use_lv_loss": summary["use_lv_loss"], "minutes": args.minutes, "crop": args.crop, "scale": args.scale,
             "seed": args.seed, "batch_size": args.batch_size,
         },

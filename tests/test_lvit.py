@@ -156,6 +156,39 @@ def test_lvit_padded_words_do_not_matter():
         torch.testing.assert_close(net(x, text, mask), net(x, changed, mask), atol=1e-4, rtol=1e-4)
 
 
+def test_grounded_lvit_reads_positions_and_checks_its_channels():
+    torch.manual_seed(0)
+    net = lvit(3, 2, "small", grounded=True).eval()
+    image, text = torch.randn(1, 3, 45, 70), torch.randn(1, 5, 384)
+    rows, cols = torch.meshgrid(torch.linspace(-1, 1, 45), torch.linspace(-1, 1, 70), indexing="ij")
+    here = torch.cat([image, torch.stack([rows, cols])[None]], dim=1)
+    elsewhere = torch.cat([image, torch.stack([rows.flip(0), cols.flip(1)])[None]], dim=1)
+    with torch.no_grad():
+        out = net(here, text)
+        assert out.shape == (1, 2, 45, 70)
+        assert (out - net(elsewhere, text)).abs().max() > 1e-4  # the same pixels, elsewhere in the image
+    with pytest.raises(ValueError, match="5 input channels"):
+        net(image, text)
+
+
+def test_crops_flips_and_rotations_carry_each_pixels_absolute_position():
+    """A label that numbers each pixel (row * 1000 + column) goes through the training augmentation
+    with the position channels; wherever a pixel lands, its positions must still be its own."""
+    from medsight.tasks.lvit import _augmenter, positions
+
+    h, w = 40, 50
+    numbered = (np.arange(h)[:, None] * 1000 + np.arange(w)[None, :])[None]
+    augment = _augmenter(16, ["image", "label", "positions"])
+    augment.set_random_state(seed=3)
+    for _ in range(20):
+        out = augment(
+            {"image": np.zeros((1, h, w), np.float32), "label": numbered, "positions": positions((h, w))}
+        )
+        row, col = np.divmod(np.asarray(out["label"])[0].astype(int), 1000)
+        np.testing.assert_allclose(np.asarray(out["positions"])[0], -1 + 2 * row / (h - 1), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(out["positions"])[1], -1 + 2 * col / (w - 1), atol=1e-6)
+
+
 def test_plam_shape_and_gain_bounds():
     torch.manual_seed(0)
     module = PLAM(8)
@@ -218,6 +251,19 @@ def test_predictor_returns_the_original_geometry(trained, phantom):
     np.testing.assert_array_equal(mask.affine, scan.affine)
     no_text = predictor.predict(cropped, None)
     assert set(np.unique(no_text.array)) <= {0, 1}
+
+
+def test_grounded_run_trains_and_predicts(phantom, tmp_path):
+    from medsight.engine import checkpoint
+
+    summary = train_textseg(
+        TextSegConfig(data=str(phantom), out=str(tmp_path / "run"), grounded=True, labeled_fraction=0.5,
+                      warmup_fraction=0.0, text_cache=str(tmp_path / "cache"), **TINY)
+    )  # fmt: skip
+    assert checkpoint.load(summary["best"])["model"]["kwargs"]["grounded"] is True
+    scan = io.read(sorted((phantom / "Val_Folder" / "img").iterdir())[0])
+    mask = TextSegPredictor(summary["best"]).predict(scan, "The nuclei density in the left is high.")
+    assert mask.array.shape == (1, *scan.spatial_shape)
 
 
 def test_cli_predict_writes_full_size_masks_and_names_missing_sheet_rows(trained, phantom, tmp_path):

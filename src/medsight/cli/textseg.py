@@ -47,6 +47,12 @@ def train(
         show_default=False,
     ),
     size: str = typer.Option("small", "--size", help="lvit size: small or large."),
+    grounded: bool = typer.Option(
+        False,
+        "--grounded",
+        help="lvit: give the tokens that meet the words their absolute position in the whole image, "
+        "so sentences about where things are can be tied to crops and windows.",
+    ),
     minutes: float = typer.Option(None, "--minutes", help="Wall-clock training budget in minutes."),
     epochs: int = typer.Option(40, min=1),
     iters_per_epoch: int = typer.Option(25, min=1, help="Optimiser steps per epoch."),
@@ -70,7 +76,7 @@ def train(
     summary = train_textseg(
         TextSegConfig(
             data=str(data), out=str(out), method="unet2d" if method == "unet2d" else "lvit", size=size,
-            with_text=method == "lvit", labeled_fraction=labeled_fraction,
+            with_text=method == "lvit", grounded=grounded, labeled_fraction=labeled_fraction,
             use_epi=semi_default if epi is None else epi, use_lv_loss=semi_default if lv_loss is None else lv_loss,
             crop_size=crop, image_scale=scale, batch_size=batch_size, epochs=epochs,
             iters_per_epoch=iters_per_epoch, lr=lr, seed=seed, time_limit_minutes=minutes, overwrite=overwrite,

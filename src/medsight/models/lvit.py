@@ -22,6 +22,13 @@ bottleneck one scale below the last):
   the same scale (the ViT skip connection);
 - skip connections pass through a Pixel-Level Attention Module (:class:`PLAM`).
 
+- **grounding** (``grounded=True``, our addition): the input carries two more channels, the
+  absolute (row, column) position of every pixel in the *whole* image, scaled to [-1, 1], which
+  crops, flips and rotations move with the pixels. The first stage adds a projection of each
+  token's mean position (Fourier features) to the image tokens before they meet the words, so a
+  sentence about the whole image ("the nuclei density in the left is high") can be tied to where a
+  training crop or inference window lies. The CNN branch never sees the positions.
+
 ``with_text=False`` builds the same network without the text projection (the no-text ablation);
 ``forward`` then ignores any text. With ``with_text=True`` an image without text (``text=None``
 or an all-False mask) is segmented from the image alone: no word enters the attention.
@@ -45,6 +52,7 @@ LVIT_SIZES = {
     "small": {"width": 16, "depth": 1, "heads": 2},
     "large": {"width": 32, "depth": 2, "heads": 4},
 }
+FREQUENCIES = (1, 2, 4)  # of the Fourier features of absolute positions (grounded=True)
 LEVELS = 4  # CNN scales 1 .. 1/8 with a ViT stage each; the bottleneck sits at 1/16
 GRID_STRIDE = 2**LEVELS
 
@@ -109,9 +117,12 @@ class TokenStage(nn.Module):
         carried: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
+        absolute: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         grid = self.embed(features)
         grid = grid + self.position(grid)
+        if absolute is not None:
+            grid = grid + absolute
         b, d, gh, gw = grid.shape
         tokens = grid.flatten(2).transpose(1, 2)
         if carried is not None and self.carry is not None:
@@ -145,6 +156,7 @@ class LViT(nn.Module):
         with_text: bool = True,
         text_dim: int = TEXT_DIM,
         stem: bool = True,
+        grounded: bool = False,
     ):
         super().__init__()
         if in_channels < 1 or num_classes < 2:
@@ -181,11 +193,22 @@ class LViT(nn.Module):
         if self.with_text:
             self.text_projection = nn.Sequential(nn.Linear(text_dim, widths[0]), nn.LayerNorm(widths[0]))
             self.text_type = nn.Parameter(torch.zeros(1, 1, widths[0]))
+        self.in_channels = in_channels
+        self.grounded = bool(grounded)
+        if self.grounded:  # sin and cos of pi * f * (row, col) for f = 1, 2, 4 -> the token width
+            self.locate = nn.Conv2d(2 * 2 * len(FREQUENCIES), widths[0], 1)
 
     def forward(
         self, x: torch.Tensor, text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         height, width = x.shape[-2:]
+        expected = self.in_channels + (2 if self.grounded else 0)
+        if x.shape[1] != expected:
+            raise ValueError(
+                f"LViT expects {expected} input channels"
+                + (" (the image's, then row and column positions)" if self.grounded else "")
+                + f", got {x.shape[1]}"
+            )
         # At least two bottleneck pixels a side: instance norm needs more than one value.
         x = F.pad(x, (0, max(0, 2 * self.multiple - width), 0, max(0, 2 * self.multiple - height)))
         x, _ = pad_to_multiple(x, self.multiple)
@@ -195,11 +218,20 @@ class LViT(nn.Module):
                 text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
             words = self.text_projection(text.to(x.dtype)) + self.text_type
 
+        absolute = None
+        if self.grounded:
+            x, where = x[:, : self.in_channels], x[:, self.in_channels :]
+            where = F.avg_pool2d(where, self.multiple)  # each token's mean position
+            angles = torch.cat([torch.pi * f * where for f in FREQUENCIES], dim=1)
+            absolute = self.locate(torch.cat([angles.sin(), angles.cos()], dim=1))
         skips, tokens_per_level, tokens = [], [], None
         h = x if self.stem is None else self.stem(x)
         for level, (encoder, stage) in enumerate(zip(self.encoders, self.down_vit, strict=True)):
             h = encoder(h if level == 0 else F.max_pool2d(h, 2))
-            tokens, h = stage(h, tokens, words if level == 0 else None, text_mask if level == 0 else None)
+            first = level == 0
+            tokens, h = stage(
+                h, tokens, words if first else None, text_mask if first else None, absolute if first else None
+            )
             skips.append(h)
             tokens_per_level.append(tokens)
         h = self.bottleneck(F.max_pool2d(h, 2))
@@ -218,9 +250,10 @@ def lvit(
     num_classes: int = 2,
     size: str = "small",
     with_text: bool = True,
+    grounded: bool = False,
 ) -> LViT:
     """LViT in its ``small`` (width 16, one transformer layer per stage, 2 heads) or ``large``
     (width 32, two layers, 4 heads) configuration, both with the strided stem."""
     if size not in LVIT_SIZES:
         raise ValueError(f"size must be one of {', '.join(LVIT_SIZES)}, not {size!r}")
-    return LViT(in_channels, num_classes, with_text=with_text, **LVIT_SIZES[size])
+    return LViT(in_channels, num_classes, with_text=with_text, grounded=grounded, **LVIT_SIZES[size])

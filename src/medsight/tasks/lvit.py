@@ -59,6 +59,7 @@ class TextSegConfig:
     method: str = "lvit"  # "lvit" or "unet2d"
     size: str = "small"  # lvit: "small" or "large"
     with_text: bool = True  # lvit: False is the no-text ablation
+    grounded: bool = False  # lvit: tie the first ViT stage's tokens to absolute image positions
     labeled_fraction: float = 1.0
     use_epi: bool = True
     use_lv_loss: bool = True
@@ -269,6 +270,17 @@ def uses_text(model) -> bool:
     return isinstance(model, LViT) and model.with_text
 
 
+def is_grounded(model) -> bool:
+    return bool(getattr(model, "grounded", False))
+
+
+def positions(shape: tuple[int, ...]) -> np.ndarray:
+    """(2, h, w): every pixel's row and column in the whole image, scaled to [-1, 1]. Spatial
+    augmentation moves these channels with the image, so a crop keeps knowing where it came from."""
+    rows, cols = (np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shape[-2:])
+    return np.stack(np.meshgrid(rows, cols, indexing="ij"))
+
+
 def forward(model, x, tokens=None, mask=None):
     """Logits for a batch; text goes only to a text-taking network."""
     if uses_text(model) and tokens is not None:
@@ -292,6 +304,8 @@ def predict_probabilities(model, image: np.ndarray, text=None, roi: int = 256, b
             return forward(model, window)
         return forward(model, window, tokens.expand(n, -1, -1), mask.expand(n, -1))
 
+    if is_grounded(model):
+        image = np.concatenate([image, positions(image.shape)])
     model.eval()
     with torch.no_grad(), warnings.catch_warnings():
         # MONAI 1.5 indexes with a list internally, which torch 2.x deprecates: nothing to act on here
@@ -325,7 +339,7 @@ def build_network(config: dict[str, Any]):
 
 def _build(cfg: TextSegConfig, in_channels: int, num_classes: int):
     if cfg.method == "lvit":
-        kwargs = {"size": cfg.size, "with_text": cfg.with_text, **cfg.model_kwargs}
+        kwargs = {"size": cfg.size, "with_text": cfg.with_text, "grounded": cfg.grounded, **cfg.model_kwargs}
     else:
         kwargs = dict(cfg.model_kwargs)
     config = {
@@ -465,8 +479,10 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
     crop = cfg.crop_size
     roi = 2 * crop
     rng = np.random.default_rng(cfg.seed)
-    aug_labeled = _augmenter(crop, ["image", "label"])
-    aug_unlabeled = _augmenter(crop, ["image", "pseudo", "matched"])
+    grounded = is_grounded(model)
+    spatial_extra = ["positions"] if grounded else []
+    aug_labeled = _augmenter(crop, ["image", "label", *spatial_extra])
+    aug_unlabeled = _augmenter(crop, ["image", "pseudo", "matched", *spatial_extra])
     aug_labeled.set_random_state(seed=cfg.seed)
     aug_unlabeled.set_random_state(seed=cfg.seed + 1)
     pseudo: dict[str, np.ndarray | None] = {it.case_id: None for it in unlabeled}
@@ -483,12 +499,20 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
         mask = torch.from_numpy(np.stack([it.text.mask for it in items]))
         return tokens, mask
 
+    def with_positions(item) -> dict[str, np.ndarray]:
+        return {"positions": positions(item.image.shape)} if grounded else {}
+
+    def network_input(augmented) -> np.ndarray:
+        """The augmented image, with its (equally augmented) positions appended for a grounded model."""
+        parts = [augmented["image"], *([augmented["positions"]] if grounded else [])]
+        return np.concatenate([np.asarray(p, np.float32) for p in parts])
+
     def labeled_batch():
         chosen = [labeled[i] for i in rng.integers(len(labeled), size=cfg.batch_size)]
         xs, ys = [], []
         for it in chosen:
-            d = aug_labeled({"image": it.image, "label": it.label[None]})
-            xs.append(np.asarray(d["image"], np.float32))
+            d = aug_labeled({"image": it.image, "label": it.label[None], **with_positions(it)})
+            xs.append(network_input(d))
             ys.append(np.asarray(d["label"])[0])
         return chosen, torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.int64))
 
@@ -505,9 +529,10 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
                     "image": it.image,
                     "pseudo": p,
                     "matched": (m[0] if m else np.zeros(it.image.shape[-2:], np.int64))[None],
+                    **with_positions(it),
                 }
             )
-            xs.append(np.asarray(d["image"], np.float32))
+            xs.append(network_input(d))
             ps.append(np.asarray(d["pseudo"], np.float32))
             ms.append(np.asarray(d["matched"])[0].round().astype(np.int64))
             valid.append(m is not None)
