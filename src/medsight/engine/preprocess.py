@@ -30,7 +30,8 @@ def choose_slice_axis(spacing: np.ndarray, labels: list[Scan]) -> int:
     """
     if np.ptp(spacing) > 0.01 * spacing.max():
         return int(np.argmax(spacing))
-    extents = [np.ptp(np.argwhere(lab.array[0] > 0), axis=0) for lab in labels if (lab.array[0] > 0).any()]
+    foreground = (np.argwhere(lab.array[0] > 0) for lab in labels)
+    extents = [np.ptp(voxels, axis=0) for voxels in foreground if len(voxels)]
     if not extents:
         return len(spacing) - 1
     return int(np.argmax(np.median(extents, axis=0)))

@@ -204,11 +204,8 @@ class LViT(nn.Module):
         height, width = x.shape[-2:]
         expected = self.in_channels + (2 if self.grounded else 0)
         if x.shape[1] != expected:
-            raise ValueError(
-                f"LViT expects {expected} input channels"
-                + (" (the image's, then row and column positions)" if self.grounded else "")
-                + f", got {x.shape[1]}"
-            )
+            what = " (the image's, then row and column positions)" if self.grounded else ""
+            raise ValueError(f"LViT expects {expected} input channels{what}, got {x.shape[1]}")
         # At least two bottleneck pixels a side: instance norm needs more than one value.
         x = F.pad(x, (0, max(0, 2 * self.multiple - width), 0, max(0, 2 * self.multiple - height)))
         x, _ = pad_to_multiple(x, self.multiple)

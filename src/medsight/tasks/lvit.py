@@ -271,7 +271,9 @@ def uses_text(model) -> bool:
 
 
 def is_grounded(model) -> bool:
-    return bool(getattr(model, "grounded", False))
+    from medsight.models.lvit import LViT
+
+    return isinstance(model, LViT) and model.grounded
 
 
 def positions(shape: tuple[int, ...]) -> np.ndarray:
@@ -504,8 +506,8 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
 
     def network_input(augmented) -> np.ndarray:
         """The augmented image, with its (equally augmented) positions appended for a grounded model."""
-        parts = [augmented["image"], *([augmented["positions"]] if grounded else [])]
-        return np.concatenate([np.asarray(p, np.float32) for p in parts])
+        image = np.asarray(augmented["image"], np.float32)
+        return np.concatenate([image, np.asarray(augmented["positions"], np.float32)]) if grounded else image
 
     def labeled_batch():
         chosen = [labeled[i] for i in rng.integers(len(labeled), size=cfg.batch_size)]
