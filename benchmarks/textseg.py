@@ -8,7 +8,8 @@
 Each configuration trains on ``Train_Folder`` (keeping a seeded ``fraction`` of the masks), selects
 its checkpoint on ``Val_Folder`` and is evaluated on ``--test-folder`` (default: the Val_Folder):
 mean per-image Dice and IoU of the foreground at the images' original size. Configuration names are
-``<variant>@<labeled fraction>`` with variants ``unet2d`` (supervised U-Net), ``lvit`` (text, EPI,
+``<variant>@<labeled fraction>[:<minutes>min]`` (the suffix overrides ``--minutes`` for that
+configuration and is part of its result key, e.g. ``lvit@1.0:40min``) with variants ``unet2d`` (supervised U-Net), ``lvit`` (text, EPI,
 LV loss), ``lvit-notext`` (the same without text), ``lvit-noepi``, ``lvit-nolv``, ``lvit-large``.
 Results merge into ``<out>/textseg.json`` (``textseg-quick.json`` for --quick), one entry per
 configuration name, and ``textseg.md`` (a markdown table of every entry).
@@ -43,16 +44,23 @@ VARIANTS = {
 }
 
 
-def parse_config(name: str) -> tuple[str, float]:
-    variant, _, fraction = name.partition("@")
-    if variant not in VARIANTS or not fraction:
+def parse_config(name: str) -> tuple[str, float, float | None]:
+    """``'lvit@0.25'`` -> ``('lvit', 0.25, None)``; ``'lvit@1.0:40min'`` -> ``('lvit', 1.0, 40.0)``."""
+    head, _, budget = name.partition(":")
+    variant, _, fraction = head.partition("@")
+    try:
+        value = float(fraction)
+        minutes = float(budget.removesuffix("min")) if budget else None
+    except ValueError:
+        value = minutes = None
+    if variant not in VARIANTS or value is None or (budget and not budget.endswith("min")):
         raise SystemExit(
-            f"bad configuration {name!r}: use <variant>@<fraction> with variants {', '.join(VARIANTS)}"
+            f"bad configuration {name!r}: use <variant>@<fraction>[:<minutes>min] with variants "
+            f"{', '.join(VARIANTS)}"
         )
-    value = float(fraction)
-    if not 0 < value <= 1:
-        raise SystemExit(f"bad labeled fraction in {name!r}")
-    return variant, value
+    if not 0 < value <= 1 or (minutes is not None and minutes <= 0):
+        raise SystemExit(f"bad labeled fraction or budget in {name!r}")
+    return variant, value, minutes
 
 
 def test_pairs(folder: Path) -> list[tuple[Path, Path, str | None]]:
@@ -106,14 +114,15 @@ def evaluate(checkpoint: str, folder: Path) -> dict:
 def run_config(name: str, data: Path, test_folder: Path, runs: Path, args) -> dict:
     from medsight.tasks.lvit import TextSegConfig, train_textseg
 
-    variant, fraction = parse_config(name)
+    variant, fraction, minutes = parse_config(name)
+    minutes = args.minutes if minutes is None or args.quick else minutes
     method, size, with_text, use_epi, use_lv, grounded = VARIANTS[variant]
     cfg = TextSegConfig(
-        data=str(data), out=str(runs / name.replace("@", "_")), method=method, size=size, with_text=with_text,
+        data=str(data), out=str(runs / name.replace("@", "_").replace(":", "_")), method=method, size=size, with_text=with_text,
         grounded=grounded,
         labeled_fraction=fraction, use_epi=use_epi, use_lv_loss=use_lv, crop_size=args.crop,
         image_scale=args.scale, batch_size=args.batch_size, epochs=args.epochs, iters_per_epoch=args.iters,
-        seed=args.seed, time_limit_minutes=args.minutes, text_cache=str(runs / "text_cache"), overwrite=True,
+        seed=args.seed, time_limit_minutes=minutes, text_cache=str(runs / "text_cache"), overwrite=True,
         progress=not args.quiet,
     )  # fmt: skip
     summary = train_textseg(cfg)
@@ -133,22 +142,28 @@ def run_config(name: str, data: Path, test_folder: Path, runs: Path, args) -> di
         "labeled_ids": summary["labeled_ids"],
         "settings": {
             "method": method, "size": size, "with_text": with_text, "grounded": grounded, "use_epi": summary["use_epi"],
-            "use_lv_loss": summary["use_lv_loss"], "minutes": args.minutes, "crop": args.crop, "scale": args.scale,
+            "use_lv_loss": summary["use_lv_loss"], "minutes": minutes, "crop": args.crop, "scale": args.scale,
             "seed": args.seed, "batch_size": args.batch_size,
         },
     }  # fmt: skip
 
 
+def budget(entry: dict) -> str:
+    minutes = entry.get("settings", {}).get("minutes")
+    return "-" if minutes is None else f"{minutes:g}"
+
+
 def table(results: dict) -> str:
     lines = [
-        "| configuration | Dice % | IoU % | train s | epochs | labeled images | evaluated on |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| configuration | Dice % | IoU % | budget min | train s | epochs | labeled images | evaluated on |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     order = {n: i for i, n in enumerate(ALL_CONFIGS)}
     for name in sorted(results, key=lambda n: (order.get(n, len(order)), n)):
         r = results[name]
         lines.append(
-            f"| {name} | {100 * r['dice']:.2f} | {100 * r['iou']:.2f} | {r['train_seconds']:.0f} | "
+            f"| {name} | {100 * r['dice']:.2f} | {100 * r['iou']:.2f} | {budget(r)} | "
+            f"{r['train_seconds']:.0f} | "
             f"{r.get('epochs_run', '')} | {len(r['labeled_ids'])} | {Path(r['evaluated_folder']).name} |"
         )
     return "\n".join(lines) + "\n"

@@ -37,7 +37,7 @@ def test_quick_benchmark_merges_configurations(tmp_path):
     assert results["lvit-noepi@0.5"]["settings"]["use_epi"] is False
     assert results["lvit-noepi@0.5"]["settings"]["use_lv_loss"] is True
     table = (tmp_path / "textseg-quick.md").read_text()
-    assert "| unet2d@0.5 |" in table and "| lvit@1.0 | 50.00 | 33.33 |" in table
+    assert "| unet2d@0.5 |" in table and "| lvit@1.0 | 50.00 | 33.33 | - |" in table
 
 
 def test_bad_configuration_names_are_refused():
@@ -46,4 +46,9 @@ def test_bad_configuration_names_are_refused():
         bench.parse_config("vnet@0.5")
     with pytest.raises(SystemExit, match="fraction"):
         bench.parse_config("lvit@1.5")
-    assert bench.parse_config("lvit-nolv@0.25") == ("lvit-nolv", 0.25)
+    for bad in ("lvit@1.0:40", "lvit@1.0:xmin", "lvit@1.0:0min"):
+        with pytest.raises(SystemExit, match="bad"):
+            bench.parse_config(bad)
+    assert bench.parse_config("lvit-nolv@0.25") == ("lvit-nolv", 0.25, None)
+    assert bench.parse_config("lvit@1.0:40min") == ("lvit", 1.0, 40.0)
+    assert bench.parse_config("unet2d@0.5:7.5min") == ("unet2d", 0.5, 7.5)
