@@ -59,6 +59,15 @@ def parse(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--chunks", type=int, default=12, help="chunk protocol: chunks along the slice axis")
     p.add_argument(
+        "--neighbours", type=int, default=1,
+        help="chunks on each side whose support slices join a chunk's (0 is also scored, as no_neighbours)",
+    )  # fmt: skip
+    p.add_argument(
+        "--checkpoint", type=Path, default=None,
+        help="evaluate this fewshot-shared checkpoint instead of training one (its training cases must "
+        "be outside the evaluation lists)",
+    )  # fmt: skip
+    p.add_argument(
         "--no-largest-component", dest="largest_component", action="store_false",
         help="score raw masks (default: every method's masks keep their largest connected piece)",
     )  # fmt: skip
@@ -170,27 +179,32 @@ def clean(pred, args):
 
 
 def run_fewshot(predictor, supports, queries, structure_values, support_ids, query_ids, args):
-    """The support set is embedded once (timed apart), then each query is timed on its own. With
-    several shots, the other k-shot combination (averaged prototypes/weights) is scored too."""
+    """The support set is embedded once (timed apart), then each query is timed on its own. Also
+    scored, under their own keys: with several shots the other k-shot combination (averaged
+    prototypes/weights), and with ``--neighbours`` > 0 the plain chunk protocol."""
     pairs = [(img, binary(lab, structure_values)) for img, lab in supports]
-    result = {}
-    for combine in ("ensemble", "average") if len(pairs) > 1 else ("ensemble",):
-        t0 = time.perf_counter()
-        prepared = predictor.prepare(pairs, args.chunks, combine)
-        support_seconds = time.perf_counter() - t0
+    variants = [("ensemble", args.neighbours, None)]
+    if args.neighbours:
+        variants.append(("ensemble", 0, "no_neighbours"))
+    if len(pairs) > 1:
+        variants.append(("average", args.neighbours, "average_combination"))
+    result, prepared = {}, {}
+    for combine, neighbours, key in variants:
+        if combine not in prepared:
+            t0 = time.perf_counter()
+            prepared[combine] = predictor.prepare(pairs, args.chunks, combine)
+            support_seconds = time.perf_counter() - t0
         rows, times = [], []
         for image, label in queries:
             t0 = time.perf_counter()
-            pred = clean(predictor.segment(prepared, image), args)
+            pred = clean(predictor.segment(prepared[combine], image, neighbours=neighbours), args)
             times.append(time.perf_counter() - t0)
             rows.append((pred, binary(label, structure_values), image.spacing))
-        figures = {**score(rows, times, support_ids, query_ids), "support_seconds": round(support_seconds, 4)}
-        if combine == "ensemble":
-            result = figures
+        figures = score(rows, times, support_ids, query_ids)
+        if key is None:
+            result = {**figures, "support_seconds": round(support_seconds, 4)}
         else:
-            result["average_combination"] = {
-                k: figures[k] for k in ("mean_dice", "hd95_mm", "dice_per_query")
-            }
+            result[key] = {k: figures[k] for k in ("mean_dice", "hd95_mm", "dice_per_query")}
     return result
 
 
@@ -219,12 +233,10 @@ def pooled(per_query: list[dict]) -> dict:
     out["hd95_mm"] = mean(per_query, "hd95_mm", 3)
     if "support_seconds" in per_query[0]:  # few-shot heads only
         out["support_seconds"] = mean(per_query, "support_seconds")
-    if "average_combination" in per_query[0]:
-        combos = [r["average_combination"] for r in per_query]
-        out["average_combination"] = {
-            "mean_dice": mean(combos, "mean_dice"),
-            "hd95_mm": mean(combos, "hd95_mm", 3),
-        }
+    for key in ("no_neighbours", "average_combination"):
+        if key in per_query[0]:
+            variants = [r[key] for r in per_query]
+            out[key] = {"mean_dice": mean(variants, "mean_dice"), "hd95_mm": mean(variants, "hd95_mm", 3)}
     return out
 
 
@@ -276,6 +288,30 @@ def main(argv=None) -> dict:
         torch.set_num_threads(threads)
 
 
+def load_trained(checkpoint_path: Path, evaluated_ids: list[str]) -> tuple[dict, dict]:
+    """Predictors for every head of a fewshot-shared checkpoint, refusing one that trained on any
+    image of the evaluation lists."""
+    from medsight.engine import checkpoint
+    from medsight.errors import MedsightError
+    from medsight.tasks.fewshot import FewShotPredictor
+
+    payload = checkpoint.load(checkpoint_path)
+    overlap = sorted(set(payload["data"]["case_ids"]) & set(evaluated_ids))
+    if overlap:
+        raise MedsightError(f"trained on evaluation cases {', '.join(overlap)}", checkpoint_path)
+    summary_path = checkpoint_path.parent / "summary.json"
+    summary = (
+        json.loads(summary_path.read_text())
+        if summary_path.is_file()
+        else {"checkpoint": str(checkpoint_path)}
+    )
+    summary.pop("case_ids", None)
+    return (
+        {head: FewShotPredictor(checkpoint_path, head=head) for head in HEADS},
+        {head: {**summary, "trained_in_this_run": False} for head in HEADS},
+    )
+
+
 def run(args, log) -> dict:
     from medsight.datasets import open_dataset
     from medsight.tasks.fewshot import FewShotConfig, FewShotPredictor, read_training_slices, train_fewshot
@@ -308,6 +344,9 @@ def run(args, log) -> dict:
     slices = None  # read once, shared by the three heads
     # default: one model, the three heads on one encoder, trained for the three heads' summed budget
     runs_to_train = ["shared"] if args.shared else list(HEADS)
+    if args.checkpoint:
+        runs_to_train = []
+        predictors, training = load_trained(args.checkpoint, support_ids + query_ids)
     if args.shared and "time_limit_minutes" in train_kw:
         train_kw["time_limit_minutes"] = args.minutes * len(HEADS)
     for run_name in runs_to_train:
@@ -387,6 +426,7 @@ def run(args, log) -> dict:
             "seed": args.seed,
             "slice_axis": 2,
             "chunks": args.chunks,
+            "neighbours": args.neighbours,
             "kshot_combination": "ensemble (mean of per-shot probabilities); average_combination: "
             "prototypes/weights averaged",
             "largest_component": args.largest_component,

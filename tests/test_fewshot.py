@@ -272,6 +272,37 @@ def test_prepared_support_serves_many_queries(trained):
         predictor.prepare([*support, (flat, flat.with_array(np.ones((1, 20, 20), np.uint8)))])
 
 
+def test_neighbouring_chunks_join_as_extra_shots(trained):
+    """neighbours=1: a chunk's slices see the support slices of the chunks beside it, exactly as if
+    those were extra shots of the plain protocol (fewer at the ends of the range)."""
+    import dataclasses
+
+    from medsight.datasets.phantom import make_phantom_3d
+    from medsight.tasks.fewshot import FewShotPredictor
+
+    predictor = FewShotPredictor(trained[0]["checkpoint"])
+    support_image, support_label, _ = make_phantom_3d(60)
+    prepared = predictor.prepare(
+        [(support_image, support_label.with_array((support_label.array == 1).astype(np.uint8)))], chunks=4
+    )
+    query, _, _ = make_phantom_3d(61)
+    span = (2, 13)  # 12 query slices: chunk c holds slices 2 + 3c .. 4 + 3c
+    got = predictor.segment(prepared, query, query_range=span, neighbours=1).array[0]
+
+    def as_shots(chunk_ids):
+        pooled = [cond for j in chunk_ids for cond in prepared.conditions[j]]
+        plain = dataclasses.replace(prepared, conditions=[pooled] * prepared.chunks)
+        return predictor.segment(plain, query, query_range=span, neighbours=0).array[0]
+
+    for c, window in enumerate([[0, 1], [0, 1, 2], [1, 2, 3], [2, 3]]):
+        members = slice(2 + 3 * c, 5 + 3 * c)
+        assert np.array_equal(got[..., members], as_shots(window)[..., members]), c
+    wide = predictor.segment(prepared, query, query_range=span, neighbours=9).array[0]
+    assert np.array_equal(wide, as_shots(range(4)))
+    with pytest.raises(MedsightError, match="neighbours must be >= 0"):
+        predictor.segment(prepared, query, neighbours=-1)
+
+
 def test_propagation_keeps_annotations_and_geometry(trained):
     from medsight.datasets.phantom import make_phantom_3d
     from medsight.tasks.fewshot import FewShotPredictor
@@ -318,6 +349,7 @@ def test_cli_fewshot_end_to_end(trained, tmp_path):
     from medsight import io
     from medsight.cli.main import app
     from medsight.datasets.phantom import make_phantom_3d
+    from medsight.tasks.fewshot import FewShotPredictor
 
     summary, _ = trained
     support, support_label, _ = make_phantom_3d(20)
@@ -345,6 +377,14 @@ def test_cli_fewshot_end_to_end(trained, tmp_path):
     assert connected(io.read(out / "q.nii.gz").array[0] > 0, connectivity=3).max() <= 1
     bad = CliRunner().invoke(app, [*args, "--combine", "vote", "--overwrite"])
     assert bad.exit_code == 2 and "unknown k-shot combination 'vote'" in bad.output
+    plain = CliRunner().invoke(app, [*args, "--neighbours", "0", "--overwrite"])
+    assert plain.exit_code == 0, plain.output
+    pair = (io.read(tmp_path / "s.nii.gz"), io.read(tmp_path / "s_mask.nii.gz"))
+    expected = FewShotPredictor(summary["checkpoint"]).segment(
+        [pair], io.read(tmp_path / "q.nii.gz"), neighbours=0
+    )
+    assert np.array_equal(io.read(out / "q.nii.gz").array, expected.array)
+    assert CliRunner().invoke(app, [*args, "--neighbours", "-1", "--overwrite"]).exit_code == 2
 
     partial = np.zeros_like(support_label.array)
     middle = support_label.array.shape[-1] // 2

@@ -18,7 +18,8 @@ def test_quick_benchmark_writes_every_key(tmp_path, flags):
     spec = importlib.util.spec_from_file_location("fewshot_benchmark", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--quick", "--quiet", "--threads", "1", "--out", str(tmp_path), *flags])
+    runs = ["--runs", str(tmp_path / "runs")]
+    bench.main(["--quick", "--quiet", "--threads", "1", "--out", str(tmp_path), *runs, *flags])
     report = json.loads((tmp_path / "fewshot-quick.json").read_text())
     assert set(report["results"]) == {"phantom/cyst", "phantom/tumour"}
     assert not set(report["support_ids"]) & set(report["query_ids"])
@@ -32,8 +33,41 @@ def test_quick_benchmark_writes_every_key(tmp_path, flags):
                 assert figures["query_ids"] == report["query_ids"]
         for head in METHODS - {"supervised-unet2d"}:  # the support set is embedded once, timed apart
             assert all(f["support_seconds"] > 0 for f in methods[head].values())
+            assert all(0.0 <= f["no_neighbours"]["mean_dice"] <= 1.0 for f in methods[head].values())
     assert report["settings"]["shared_encoder"] == (not flags)
     if not flags:  # one checkpoint serves the three heads
         assert len({report["training"][h]["checkpoint"] for h in METHODS - {"supervised-unet2d"}}) == 1
     table = (tmp_path / "fewshot-quick.md").read_text()
     assert "| phantom/cyst | local-prototype | 1 |" in table
+    if flags:
+        return
+    # --checkpoint evaluates the trained model again without training: the heads' figures repeat
+    checkpoint = report["training"]["prototype"]["checkpoint"]
+    again = bench.main(
+        ["--quick", "--quiet", "--threads", "1", "--out", str(tmp_path / "again"), "--checkpoint", checkpoint]
+    )
+    for head in METHODS - {"supervised-unet2d"}:
+        assert again["training"][head]["trained_in_this_run"] is False
+        for structure in report["results"]:
+            first, second = report["results"][structure][head], again["results"][structure][head]
+            assert [f["mean_dice"] for f in first.values()] == [f["mean_dice"] for f in second.values()]
+
+
+def test_a_checkpoint_trained_on_evaluation_cases_is_refused(tmp_path):
+    from medsight.datasets.phantom import write_phantom_dataset
+    from medsight.errors import MedsightError
+    from medsight.tasks.fewshot import FewShotConfig, train_fewshot
+
+    spec = importlib.util.spec_from_file_location("fewshot_benchmark", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = write_phantom_dataset(tmp_path / "data", 2, seed=0)
+    summary = train_fewshot(
+        FewShotConfig(
+            data=str(data), out=str(tmp_path / "run"), method="fewshot-shared", max_steps=2, progress=False
+        )
+    )
+    with pytest.raises(MedsightError, match=f"trained on evaluation cases {summary['case_ids'][0]}"):
+        bench.load_trained(Path(summary["checkpoint"]), [summary["case_ids"][0], "elsewhere"])
+    predictors, _ = bench.load_trained(Path(summary["checkpoint"]), ["elsewhere"])
+    assert set(predictors) == {"prototype", "local-prototype", "conditional"}

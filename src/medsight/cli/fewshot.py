@@ -73,6 +73,13 @@ def fewshot(
         min=1,
         help="Chunks along the slice axis (volume protocol; the papers use 3). Not used with --propagate.",
     ),
+    neighbours: int = typer.Option(
+        1,
+        "--neighbours",
+        min=0,
+        help="Also use the support slices of this many chunks on each side, averaged (0: the papers' "
+        "protocol). Not used with --propagate.",
+    ),
     combine: str = typer.Option(
         "ensemble",
         "--combine",
@@ -105,7 +112,17 @@ def fewshot(
         raise typer.BadParameter("give at least one QUERY scan (or --propagate)")
     try:
         written = _run(
-            model, pairs, queries, out, propagate, chunks, combine, head, largest_component, overwrite
+            model,
+            pairs,
+            queries,
+            out,
+            propagate,
+            chunks,
+            neighbours,
+            combine,
+            head,
+            largest_component,
+            overwrite,
         )
     except MedsightError as err:
         print(f"medsight: error: {err}", file=sys.stderr)
@@ -121,6 +138,7 @@ def _run(
     out: Path,
     propagate: bool,
     chunks: int,
+    neighbours: int,
     combine: str,
     head: str | None,
     largest: bool,
@@ -148,7 +166,7 @@ def _run(
         if propagate:
             result = predictor.propagate(scan, mask, largest_component=largest)
         else:
-            result = predictor.segment(prepared, scan, largest_component=largest)
+            result = predictor.segment(prepared, scan, largest_component=largest, neighbours=neighbours)
         if scan.ndim == 2:
             result = result.with_array((result.array > 0).astype(np.uint8) * 255)
         written.append(io.write(result, target, overwrite=overwrite))

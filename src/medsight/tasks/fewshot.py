@@ -27,6 +27,11 @@ Inference (:class:`FewShotPredictor`):
   which a user does not have; pass ``query_range`` to do that). Query slice ``q`` belongs to chunk
   ``floor((q - q0) chunks / n_q)`` and is segmented with that chunk's support slice. Slices
   outside the query range are background.
+- ``neighbours`` (default ``DEFAULT_NEIGHBOURS`` = 1): chunk ``c`` is segmented with the support
+  slices of chunks ``c - neighbours .. c + neighbours`` (those that exist), their foreground
+  probabilities averaged. The chunk boundaries are only a guess at which support slice matches a
+  query slice (the two scans differ in position and extent); the neighbours hedge that guess.
+  ``neighbours=0`` is the published protocol.
 - k shots (``combine``): ``"ensemble"`` (default) segments the query once per shot and averages the
   foreground probabilities; ``"average"`` averages the prototypes or conditioning weights of the
   shots into one (PANet, Roy et al.). With 5 shots the ensemble was better for the prototype head on
@@ -61,6 +66,7 @@ METHODS: dict[str, str] = {
 }
 NORMALISATION = {"name": "percentile-zscore", "clip_percentiles": [0.5, 99.5], "per": "scan and channel"}
 DEFAULT_CHUNKS = 12
+DEFAULT_NEIGHBOURS = 1
 COMBINE = ("ensemble", "average")
 MIN_BODY_SHARE = 0.1  # slices with less non-background than this are skipped in training
 
@@ -545,19 +551,23 @@ class FewShotPredictor:
                 f"query is {query.ndim}D but support image {name} is {prepared.ndim}D", query.path
             )
 
-    def _probabilities(self, queries, cond) -> np.ndarray:
-        """Foreground probability ``(Q, h, w)`` for working-size queries under one conditioning."""
+    def _probabilities(self, queries, conditions: list[dict]):
+        """Foreground probability ``(Q, h, w)`` of working-size queries, averaged over
+        ``conditions`` (shots, neighbouring chunks); each query is embedded once for all of them."""
         torch = self._torch
         out = []
         with torch.no_grad():
             for start in range(0, len(queries), self.batch):
-                logits = self.model.segment(queries[start : start + self.batch], cond)
-                out.append(logits.softmax(1)[:, 1])
+                batch = queries[start : start + self.batch]
+                feats = self.model.embed(batch)
+                out.append(
+                    sum(
+                        self.model.segment_features(feats, cond, batch.shape[-2:]).softmax(1)[:, 1]
+                        for cond in conditions
+                    )
+                    / len(conditions)
+                )
         return torch.cat(out)
-
-    def _shot_mean(self, queries, conditions: list[dict]):
-        """Foreground probability ``(Q, h, w)`` averaged over the shots' conditionings."""
-        return sum(self._probabilities(queries, cond) for cond in conditions) / len(conditions)
 
     def _condition(self, images, masks):
         with self._torch.no_grad():
@@ -638,15 +648,18 @@ class FewShotPredictor:
         query_range: tuple[int, int] | None = None,
         combine: str = "ensemble",
         largest_component: bool = False,
+        neighbours: int = DEFAULT_NEIGHBOURS,
     ) -> Scan:
         """Mask (uint8 0/1) of the support's structure in ``query``, with the query's affine.
 
         ``support``: (image, mask) pairs, or a :meth:`prepare`-d support (then ``chunks`` and
         ``combine`` are the ones it was prepared with)."""
+        if neighbours < 0:
+            raise MedsightError(f"neighbours must be >= 0, got {neighbours}")
         prepared = support if isinstance(support, PreparedSupport) else self.prepare(support, chunks, combine)
         self._check_query(prepared, query)
         if query.ndim == 2:
-            probabilities = self._shot_mean(self._working_slices(query), prepared.conditions[0])
+            probabilities = self._probabilities(self._working_slices(query), prepared.conditions[0])
             return self._as_scan(
                 query, self._restore(probabilities, query.spatial_shape)[0], largest_component
             )
@@ -664,11 +677,13 @@ class FewShotPredictor:
         in_plane = tuple(n for a, n in enumerate(query.spatial_shape) if a != axis)
         out = np.zeros((n_query, *in_plane), dtype=bool)
         queries = self._working_slices(query, range(q0, q1 + 1))  # slices outside the range stay background
-        for c, conds in enumerate(prepared.conditions):
+        for c in range(prepared.chunks):
             members = [q for q in range(q0, q1 + 1) if chunk_of(q, q0, q1, prepared.chunks) == c]
             if members:
+                nearby = prepared.conditions[max(0, c - neighbours) : c + neighbours + 1]
+                conds = [cond for chunk in nearby for cond in chunk]
                 out[members] = self._restore(
-                    self._shot_mean(queries[[q - q0 for q in members]], conds), in_plane
+                    self._probabilities(queries[[q - q0 for q in members]], conds), in_plane
                 )
         return self._as_scan(query, from_slices(out, axis, 3), largest_component)
 
@@ -694,7 +709,7 @@ class FewShotPredictor:
             if not members:
                 continue
             cond = self._condition(slices[s : s + 1], working_masks[k : k + 1])
-            out[members] = self._restore(self._probabilities(slices[members], cond), mask_slices.shape[1:])
+            out[members] = self._restore(self._probabilities(slices[members], [cond]), mask_slices.shape[1:])
         if stop_at_empty:
             # nearest first, so the neighbour towards the support is settled before q
             for q in sorted(nearest, key=lambda q: abs(q - nearest[q])):
