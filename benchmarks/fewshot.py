@@ -1,10 +1,12 @@
 """Few-shot benchmark: three heads trained without labels vs a supervised unet2d trained on the supports.
 
-    python benchmarks/fewshot.py --threads 1     # hippocampus + BraTS from ../shared/data (~55 min)
+    python benchmarks/fewshot.py --threads 1 --steps 16000   # hippocampus + BraTS from ../shared/data (~55 min)
+    python benchmarks/fewshot.py --threads 1 --checkpoint runs/shared/model.pt   # evaluate a trained model
     python benchmarks/fewshot.py --quick         # smoke run on a phantom written to a temp folder
 
 Training: the three heads on one shared encoder (``fewshot-shared``) for 3 x ``--minutes``, or with
-``--separate`` one model per head for ``--minutes`` each; self-supervised superpixel episodes on the hippocampus
+``--separate`` one model per head for ``--minutes`` each (``--steps`` replaces the time budget with
+a step count per model); self-supervised superpixel episodes on the hippocampus
 images outside the evaluation lists plus the BraTS FLAIR volumes (images only; no label file is
 opened). BraTS has four patients only, so their FLAIR images (never their labels) are among the
 unlabeled training slices: the BraTS figures are transductive, the hippocampus ones are not.
@@ -45,6 +47,11 @@ METHODS = (*HEADS, "supervised-unet2d")
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=12.0, help="training budget per head")
+    p.add_argument(
+        "--steps", type=int, default=None,
+        help="train each model for this many steps instead of a time budget: the same training whatever "
+        "else runs on the machine",
+    )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny smoke run on a phantom")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--runs", type=Path, default=None, help="where checkpoints go (default: a temp folder)")
@@ -335,7 +342,7 @@ def run(args, log) -> dict:
         n_supports, n_queries, shots = args.supports, args.queries, (1, 5)
         brats = SHARED / "brats2015"
         sources, channels = [str(SHARED / "hippocampus"), str(brats)], [0]
-        train_kw = {"time_limit_minutes": args.minutes}
+        train_kw = {"max_steps": args.steps} if args.steps else {"time_limit_minutes": args.minutes}
     order = [dataset.case_ids[i] for i in rng.permutation(len(dataset.case_ids))]
     support_ids, query_ids = order[:n_supports], order[n_supports : n_supports + n_queries]
 
@@ -420,7 +427,8 @@ def run(args, log) -> dict:
         "benchmark": "fewshot",
         "quick": args.quick,
         "settings": {
-            "minutes_per_head": None if args.quick else args.minutes,
+            "minutes_per_head": None if args.quick or args.steps else args.minutes,
+            "steps_per_model": None if args.quick else args.steps,
             "shared_encoder": args.shared,
             "size": args.size,
             "seed": args.seed,
