@@ -112,18 +112,9 @@ def fewshot(
         raise typer.BadParameter("give at least one QUERY scan (or --propagate)")
     try:
         written = _run(
-            model,
-            pairs,
-            queries,
-            out,
-            propagate,
-            chunks,
-            neighbours,
-            combine,
-            head,
-            largest_component,
-            overwrite,
-        )
+            model, pairs, queries, out, propagate=propagate, chunks=chunks, neighbours=neighbours,
+            combine=combine, head=head, largest=largest_component, overwrite=overwrite,
+        )  # fmt: skip
     except MedsightError as err:
         print(f"medsight: error: {err}", file=sys.stderr)
         raise typer.Exit(2) from err
@@ -136,6 +127,7 @@ def _run(
     pairs,
     queries,
     out: Path,
+    *,
     propagate: bool,
     chunks: int,
     neighbours: int,
