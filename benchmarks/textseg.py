@@ -8,9 +8,10 @@
 Each configuration trains on ``Train_Folder`` (keeping a seeded ``fraction`` of the masks), selects
 its checkpoint on ``Val_Folder`` and is evaluated on ``--test-folder`` (default: the Val_Folder):
 mean per-image Dice and IoU of the foreground at the images' original size. Configuration names are
-``<variant>@<labeled fraction>[:<minutes>min]`` (the suffix overrides ``--minutes`` for that
-configuration and is part of its result key, e.g. ``lvit@1.0:40min``) with variants ``unet2d`` (supervised U-Net), ``lvit`` (text, EPI,
-LV loss), ``lvit-notext`` (the same without text), ``lvit-noepi``, ``lvit-nolv``, ``lvit-large``.
+``<variant>@<labeled fraction>[:<minutes>min]``; the suffix overrides ``--minutes`` for that
+configuration and is part of its result key, e.g. ``lvit@1.0:40min``. Variants: ``unet2d``
+(supervised U-Net), ``lvit`` (text, EPI, LV loss), ``lvit-notext`` (the same without text),
+``lvit-noepi``, ``lvit-nolv``, ``lvit-large``.
 Results merge into ``<out>/textseg.json`` (``textseg-quick.json`` for --quick), one entry per
 configuration name, and ``textseg.md`` (a markdown table of every entry).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -44,23 +46,22 @@ VARIANTS = {
 }
 
 
+CONFIG_NAME = re.compile(r"(?P<variant>[\w-]+)@(?P<fraction>\d*\.?\d+)(?::(?P<minutes>\d*\.?\d+)min)?")
+
+
 def parse_config(name: str) -> tuple[str, float, float | None]:
     """``'lvit@0.25'`` -> ``('lvit', 0.25, None)``; ``'lvit@1.0:40min'`` -> ``('lvit', 1.0, 40.0)``."""
-    head, _, budget = name.partition(":")
-    variant, _, fraction = head.partition("@")
-    try:
-        value = float(fraction)
-        minutes = float(budget.removesuffix("min")) if budget else None
-    except ValueError:
-        value = minutes = None
-    if variant not in VARIANTS or value is None or (budget and not budget.endswith("min")):
+    match = CONFIG_NAME.fullmatch(name)
+    if not match or match["variant"] not in VARIANTS:
         raise SystemExit(
             f"bad configuration {name!r}: use <variant>@<fraction>[:<minutes>min] with variants "
             f"{', '.join(VARIANTS)}"
         )
-    if not 0 < value <= 1 or (minutes is not None and minutes <= 0):
+    fraction = float(match["fraction"])
+    minutes = float(match["minutes"]) if match["minutes"] else None
+    if not 0 < fraction <= 1 or minutes == 0:
         raise SystemExit(f"bad labeled fraction or budget in {name!r}")
-    return variant, value, minutes
+    return match["variant"], fraction, minutes
 
 
 def test_pairs(folder: Path) -> list[tuple[Path, Path, str | None]]:
