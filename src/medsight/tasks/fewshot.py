@@ -299,6 +299,7 @@ def train_fewshot(cfg: FewShotConfig, data: TrainingSlices | None = None) -> dic
     from tqdm import tqdm
 
     from medsight.engine import checkpoint
+    from medsight.engine.train import adamw
     from medsight.io import write_text
     from medsight.models.fewshot import HEADS
     from medsight.transforms import EpisodeSampler
@@ -327,7 +328,7 @@ def train_fewshot(cfg: FewShotConfig, data: TrainingSlices | None = None) -> dic
     )
     model_kwargs = {"in_channels": in_channels, **cfg.model_kwargs}
     nets = shared_heads(heads, model_kwargs)
-    optimiser = torch.optim.AdamW(nets.parameters(), lr=cfg.lr, weight_decay=1e-4)  # shared weights once
+    optimiser = adamw(nets.parameters(), cfg.lr)  # shared weights once
     align_weights = {
         h: cfg.align_weight if cfg.align_weight is not None else (1.0 if h == "prototype" else 0.0)
         for h in heads

@@ -388,7 +388,7 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
 
     from medsight.datasets import open_dataset, split_dataset
     from medsight.engine.preprocess import Preprocessing
-    from medsight.engine.train import save_epoch
+    from medsight.engine.train import adamw, save_epoch
     from medsight.losses import WeightedCEDiceLoss
     from medsight.text import TEXT_MODEL, TextEmbedding, TextEncoder, warn_missing_text
 
@@ -474,7 +474,7 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     set_track_meta(False)
     model, model_info = _build(cfg, pre.in_channels, n_classes)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    optimiser = adamw(model.parameters(), cfg.lr)
     budget = 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
     total_iters = cfg.epochs * cfg.iters_per_epoch
     sup_loss = WeightedCEDiceLoss(n_classes)
