@@ -13,7 +13,8 @@ configuration and is part of its result key, e.g. ``lvit@1.0:40min``. Variants: 
 (supervised U-Net), ``lvit`` (text, EPI, LV loss), ``lvit-notext`` (the same without text),
 ``lvit-noepi``, ``lvit-nolv``, ``lvit-large``.
 Results merge into ``<out>/textseg.json`` (``textseg-quick.json`` for --quick), one entry per
-configuration name, and ``textseg.md`` (a markdown table of every entry).
+configuration name (``<name>/seed<N>`` for ``--seed N`` other than 0, so repeats accumulate), and
+``textseg.md``: a markdown table of every entry, then the median of each repeated configuration.
 """
 
 from __future__ import annotations
@@ -149,6 +150,12 @@ def run_config(name: str, data: Path, test_folder: Path, runs: Path, args) -> di
     }  # fmt: skip
 
 
+def result_key(config: str, seed: int) -> str:
+    """Where a run is filed: the configuration name, with ``/seed<N>`` for a training seed other than 0,
+    so repeats of a configuration sit side by side instead of replacing each other."""
+    return config if seed == 0 else f"{config}/seed{seed}"
+
+
 def budget(entry: dict) -> str:
     minutes = entry.get("settings", {}).get("minutes")
     return "-" if minutes is None else f"{minutes:g}"
@@ -160,13 +167,25 @@ def table(results: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     order = {n: i for i, n in enumerate(ALL_CONFIGS)}
-    for name in sorted(results, key=lambda n: (order.get(n, len(order)), n)):
+    by_config: dict[str, list[float]] = {}
+    for name in sorted(results, key=lambda n: (order.get(n.split("/")[0], len(order)), n)):
         r = results[name]
+        by_config.setdefault(name.split("/")[0], []).append(100 * r["dice"])
         lines.append(
             f"| {name} | {100 * r['dice']:.2f} | {100 * r['iou']:.2f} | {budget(r)} | "
             f"{r['train_seconds']:.0f} | "
             f"{r.get('epochs_run', '')} | {len(r['labeled_ids'])} | {Path(r['evaluated_folder']).name} |"
         )
+    repeated = {config: dice for config, dice in by_config.items() if len(dice) > 1}
+    if repeated:
+        lines += [
+            "",
+            "| configuration | runs (training seeds) | Dice % per run | median Dice % |",
+            "| --- | ---: | --- | ---: |",
+        ]
+        for config, dice in repeated.items():
+            per_run = ", ".join(f"{d:.2f}" for d in dice)
+            lines.append(f"| {config} | {len(dice)} | {per_run} | {np.median(dice):.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -227,7 +246,7 @@ def main(argv=None) -> dict:
 
             # re-read just before writing, so runs of other configurations in parallel keep their entries
             results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-            results[config] = figures
+            results[result_key(config, args.seed)] = figures
             write_text(results_path, json.dumps(results, indent=2) + "\n", overwrite=True)
             write_text(args.out / f"{name}.md", table(results), overwrite=True)
     print(table(results))

@@ -52,3 +52,24 @@ def test_bad_configuration_names_are_refused():
     assert bench.parse_config("lvit-nolv@0.25") == ("lvit-nolv", 0.25, None)
     assert bench.parse_config("lvit@1.0:40min") == ("lvit", 1.0, 40.0)
     assert bench.parse_config("unet2d@0.5:7.5min") == ("unet2d", 0.5, 7.5)
+
+
+def test_repeated_seeds_are_filed_apart_and_summarised_by_their_median():
+    bench = load_script()
+    assert bench.result_key("lvit@1.0:40min", 0) == "lvit@1.0:40min"
+    assert bench.result_key("lvit@1.0:40min", 2) == "lvit@1.0:40min/seed2"
+
+    def run(dice):
+        return {"dice": dice, "iou": dice / (2 - dice), "train_seconds": 1.0, "evaluated_folder": "/x/Val_Folder",
+                "labeled_ids": ["a"]}  # fmt: skip
+
+    results = {
+        "lvit@1.0": run(0.80),
+        "lvit@1.0/seed1": run(0.83),
+        "lvit@1.0/seed2": run(0.81),
+        "unet2d@1.0": run(0.7),
+    }
+    table = bench.table(results)
+    assert "| lvit@1.0/seed1 | 83.00 |" in table
+    assert "| lvit@1.0 | 3 | 80.00, 83.00, 81.00 | 81.00 |" in table  # median of 80, 83, 81
+    assert "| unet2d@1.0 | 1 |" not in table  # a single run has no repeats row
