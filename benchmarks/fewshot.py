@@ -1,6 +1,6 @@
 """Few-shot benchmark: three heads trained without labels vs a supervised unet2d trained on the supports.
 
-    python benchmarks/fewshot.py --threads 1 --steps 16000   # hippocampus + BraTS from ../shared/data (~55 min)
+    python benchmarks/fewshot.py --threads 1 --steps 16000   # hippocampus + BraTS from ../shared/data (~1 h)
     python benchmarks/fewshot.py --threads 1 --checkpoint runs/shared/model.pt   # evaluate a trained model
     python benchmarks/fewshot.py --quick         # smoke run on a phantom written to a temp folder
 

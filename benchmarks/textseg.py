@@ -13,7 +13,8 @@ configuration and is part of its result key, e.g. ``lvit@1.0:40min``. Variants: 
 (supervised U-Net), ``lvit`` (text, EPI, LV loss), ``lvit-notext`` (the same without text),
 ``lvit-noepi``, ``lvit-nolv``, ``lvit-large``.
 Results merge into ``<out>/textseg.json`` (``textseg-quick.json`` for --quick), one entry per
-configuration name (``<name>/seed<N>`` for ``--seed N`` other than 0, so repeats accumulate), and
+configuration name (``<name>/seed<N>`` for ``--seed N`` other than 0, so repeats accumulate; the seed
+draws the initial weights, the sampling and, below a fraction of 1, which masks are kept), and
 ``textseg.md``: a markdown table of every entry, then the median of each repeated configuration.
 """
 
@@ -151,8 +152,8 @@ def run_config(name: str, data: Path, test_folder: Path, runs: Path, args) -> di
 
 
 def result_key(config: str, seed: int) -> str:
-    """Where a run is filed: the configuration name, with ``/seed<N>`` for a training seed other than 0,
-    so repeats of a configuration sit side by side instead of replacing each other."""
+    """Where a run is filed: the configuration name, with ``/seed<N>`` for a seed other than 0, so
+    repeats of a configuration sit side by side instead of replacing each other."""
     return config if seed == 0 else f"{config}/seed{seed}"
 
 
@@ -167,10 +168,11 @@ def table(results: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     order = {n: i for i, n in enumerate(ALL_CONFIGS)}
+    config_of = {name: name.split("/")[0] for name in results}  # the inverse of result_key
     by_config: dict[str, list[float]] = {}
-    for name in sorted(results, key=lambda n: (order.get(n.split("/")[0], len(order)), n)):
+    for name in sorted(results, key=lambda n: (order.get(config_of[n], len(order)), n)):
         r = results[name]
-        by_config.setdefault(name.split("/")[0], []).append(100 * r["dice"])
+        by_config.setdefault(config_of[name], []).append(100 * r["dice"])
         lines.append(
             f"| {name} | {100 * r['dice']:.2f} | {100 * r['iou']:.2f} | {budget(r)} | "
             f"{r['train_seconds']:.0f} | "
