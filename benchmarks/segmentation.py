@@ -55,19 +55,20 @@ def run_method(method: str, data: Path, out: Path, args, seed: int | None = None
         epochs=args.epochs, iters_per_epoch=args.iters, batch_size=args.batch_size if method != "unet3d" else 2,
         seed=args.seed if seed is None else seed, split_seed=args.seed, patience=args.epochs,
         time_limit_minutes=args.minutes, max_val_cases=args.val_cases_per_epoch, overwrite=True,
-        augmentation=args.augmentation, class_weights=args.class_weights,
+        augmentation=args.augmentation, class_weights=args.class_weights, mirror_axes=args.mirror_axes,
         progress=not args.quiet,
     )  # fmt: skip
     summary = train(cfg)
     dataset = open_dataset(data)
-    predictor = Predictor(summary["best"])
+    predictor = Predictor(summary["best"], tta=bool(args.mirror_axes))
+    plain = Predictor(summary["best"]) if args.mirror_axes else None
     names = {v: n for v, n in predictor.labels.items() if v}
     from medsight.datasets import split_dataset
 
     val_ids = split_dataset(dataset, cfg.val_fraction, cfg.split_seed)[
         1
     ]  # all of it, not the per-epoch subset
-    rows, times = [], []
+    rows, times, plain_dice = [], [], []
     peak_rss_reset()
     for cid in val_ids:
         image, label = dataset.load_case(dataset.case(cid))
@@ -75,6 +76,11 @@ def run_method(method: str, data: Path, out: Path, args, seed: int | None = None
         mask, _ = predictor.predict(image)
         times.append(time.perf_counter() - t0)
         rows.append(segmentation_metrics(mask.array[0], label.array[0], image.spacing, names))
+        if plain is not None:
+            single = segmentation_metrics(
+                plain.predict(image)[0].array[0], label.array[0], image.spacing, names
+            )
+            plain_dice.append(np.mean([single[n]["dice"] for n in names.values()]))
     peak = peak_rss_mb()
     dice = {n: float(np.mean([r[n]["dice"] for r in rows])) for n in names.values()}
     hd95 = {n: float(np.nanmean([r[n]["hd95_mm"] for r in rows])) for n in names.values()}
@@ -87,6 +93,11 @@ def run_method(method: str, data: Path, out: Path, args, seed: int | None = None
         "mean_dice": float(np.mean(list(dice.values()))),
         "dice": dice,
         "hd95_mm": hd95,
+        **(
+            {"mirror_axes": args.mirror_axes, "mean_dice_without_tta": float(np.mean(plain_dice))}
+            if plain
+            else {}
+        ),
         "train_seconds": summary["train_seconds"],
         "epochs_run": summary["epochs_run"],
         "infer_seconds_per_volume": statistics.median(times),
@@ -161,6 +172,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--val-cases-per-epoch", type=int, default=10)
     parser.add_argument("--augmentation", default="spatial", choices=["none", "intensity", "spatial"])
     parser.add_argument("--class-weights", default="auto", choices=["auto", "none"])
+    parser.add_argument(
+        "--mirror-axes",
+        type=lambda text: [int(a) for a in text.split(",") if a],
+        default=[],
+        help="scan axes to mirror in training and at test time (0: left-right on the hippocampus)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="split seed, and training seed of the main runs")
     parser.add_argument(
         "--spread-seeds", default="1,2", help="extra training seeds, for the spread over seeds"

@@ -89,12 +89,12 @@ def test_pairs(folder: Path) -> list[tuple[Path, Path, str | None]]:
     return pairs
 
 
-def evaluate(checkpoint: str, folder: Path) -> dict:
+def evaluate(checkpoint: str, folder: Path, tta: bool = False) -> dict:
     from medsight import io
     from medsight.evaluate import segmentation_metrics
     from medsight.tasks.lvit import TextSegPredictor
 
-    predictor = TextSegPredictor(checkpoint)
+    predictor = TextSegPredictor(checkpoint, tta=tta)
     mapping = predictor.label_mapping
     names = {v: n for v, n in predictor.labels.items() if v}
     dice, iou = [], []
@@ -131,12 +131,16 @@ def run_config(name: str, data: Path, test_folder: Path, runs: Path, args) -> di
     summary = train_textseg(cfg)
     t0 = time.perf_counter()
     scores = evaluate(summary["best"], test_folder)
+    seconds = round(time.perf_counter() - t0, 1)
+    with_tta = evaluate(summary["best"], test_folder, tta=True)
     return {
         "dice": scores["dice"],
         "iou": scores["iou"],
         "per_image_dice": scores["per_image_dice"],
+        "dice_tta": with_tta["dice"],  # averaged over the eight rotations and mirror images
+        "iou_tta": with_tta["iou"],
         "train_seconds": summary["train_seconds"],
-        "inference_seconds": round(time.perf_counter() - t0, 1),
+        "inference_seconds": seconds,
         "best_val_dice_working_scale": summary["best_val_dice"],
         "epochs_run": summary["epochs_run"],
         "pseudo_label_rounds": summary["pseudo_label_rounds"],
@@ -162,32 +166,42 @@ def budget(entry: dict) -> str:
     return "-" if minutes is None else f"{minutes:g}"
 
 
+def percent(entry: dict, key: str) -> str:
+    return f"{100 * entry[key]:.2f}" if key in entry else "-"
+
+
 def table(results: dict) -> str:
+    """The runs, then each repeated configuration's median. "TTA": the same checkpoint evaluated
+    with test-time rotations and mirror images ("-": run before the benchmark measured it)."""
     lines = [
-        "| configuration | Dice % | IoU % | budget min | train s | epochs | labeled images | evaluated on |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| configuration | Dice % | IoU % | Dice % TTA | IoU % TTA | budget min | train s | epochs "
+        "| labeled images | evaluated on |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     order = {n: i for i, n in enumerate(ALL_CONFIGS)}
     config_of = {name: name.split("/")[0] for name in results}  # the inverse of result_key
-    by_config: dict[str, list[float]] = {}
+    by_config: dict[str, list[dict]] = {}
     for name in sorted(results, key=lambda n: (order.get(config_of[n], len(order)), n)):
         r = results[name]
-        by_config.setdefault(config_of[name], []).append(100 * r["dice"])
+        by_config.setdefault(config_of[name], []).append(r)
         lines.append(
-            f"| {name} | {100 * r['dice']:.2f} | {100 * r['iou']:.2f} | {budget(r)} | "
-            f"{r['train_seconds']:.0f} | "
+            f"| {name} | {percent(r, 'dice')} | {percent(r, 'iou')} | {percent(r, 'dice_tta')} | "
+            f"{percent(r, 'iou_tta')} | {budget(r)} | {r['train_seconds']:.0f} | "
             f"{r.get('epochs_run', '')} | {len(r['labeled_ids'])} | {Path(r['evaluated_folder']).name} |"
         )
-    repeated = {config: dice for config, dice in by_config.items() if len(dice) > 1}
+    repeated = {config: runs for config, runs in by_config.items() if len(runs) > 1}
     if repeated:
         lines += [
             "",
-            "| configuration | runs (training seeds) | Dice % per run | median Dice % |",
-            "| --- | ---: | --- | ---: |",
+            "| configuration | runs (training seeds) | Dice % per run | median Dice % | median Dice % TTA |",
+            "| --- | ---: | --- | ---: | ---: |",
         ]
-        for config, dice in repeated.items():
+        for config, runs in repeated.items():
+            dice = [100 * r["dice"] for r in runs]
+            tta = [100 * r["dice_tta"] for r in runs if "dice_tta" in r]
+            median_tta = f"{np.median(tta):.2f}" if len(tta) == len(runs) else "-"
             per_run = ", ".join(f"{d:.2f}" for d in dice)
-            lines.append(f"| {config} | {len(dice)} | {per_run} | {np.median(dice):.2f} |")
+            lines.append(f"| {config} | {len(runs)} | {per_run} | {np.median(dice):.2f} | {median_tta} |")
     return "\n".join(lines) + "\n"
 
 
@@ -241,8 +255,8 @@ def main(argv=None) -> dict:
         for config in configs:
             print(f"== {config}")
             figures = run_config(config, data, test_folder, runs, args)
-            print(f"   Dice {100 * figures['dice']:.2f}  IoU {100 * figures['iou']:.2f}  "
-                  f"train {figures['train_seconds']:.0f} s")  # fmt: skip
+            print(f"   Dice {100 * figures['dice']:.2f} ({100 * figures['dice_tta']:.2f} with TTA)  "
+                  f"IoU {100 * figures['iou']:.2f}  train {figures['train_seconds']:.0f} s")  # fmt: skip
             args.out.mkdir(parents=True, exist_ok=True)  # written after each config: partial runs keep theirs
             from medsight.io import write_text
 

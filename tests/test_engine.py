@@ -251,3 +251,85 @@ def test_weights_of_another_layout_give_a_one_line_error(trained, tmp_path):
     assert result.returncode == 2
     assert "old.pt: weights do not fit" in result.stderr and "medsight 0.0.1" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_mirror_axes_land_on_the_right_sample_axes():
+    from medsight.engine.sampling import sample_axes
+
+    # 3D patches (C, X, Y, Z): scan axis a is image axis 1 + a and label axis a
+    assert sample_axes("3d", 1, slice_axis=2) == (2, 1)
+    # stacks (C, k, H, W) sliced along axis 1: H is scan axis 0, W scan axis 2, k the slice axis
+    assert sample_axes("2.5d", 0, slice_axis=1) == (2, 0)
+    assert sample_axes("2.5d", 2, slice_axis=1) == (3, 1)
+    assert sample_axes("2.5d", 1, slice_axis=1) == (1, None)
+    # single slices (C, H, W): no stack axis to mirror
+    assert sample_axes("2d", 2, slice_axis=0) == (2, 1)
+    assert sample_axes("2d", 0, slice_axis=0) is None
+
+
+def test_mirrored_samples_keep_image_and_label_aligned():
+    """The image is the voxel's index along scan axis 0 and the label marks index >= 6, so in every
+    sample, mirrored or not, label == (image >= 6); both orientations must occur."""
+    from medsight.engine.sampling import PatchSampler, to_working
+
+    index = np.broadcast_to(np.arange(10, dtype=np.float32)[:, None, None], (10, 8, 6))
+    image, label = index[None], (index >= 6).astype(np.int64)
+    work_x, work_y = to_working(image, 1), to_working(label[None], 1)[0]  # slice along axis 1
+    sampler = PatchSampler(
+        [work_x], [work_y], "2.5d", (10, 6), 3, np.random.default_rng(0), mirror_axes=[0], slice_axis=1
+    )
+    increasing = []
+    for _ in range(40):
+        x, y = sampler.sample()
+        assert x.shape == (1, 3, 10, 6) and y.shape == (10, 6)
+        np.testing.assert_array_equal(y, x[0, 1] >= 6)
+        increasing.append(bool(x[0, 1, 1, 0] > x[0, 1, 0, 0]))
+    assert 5 < sum(increasing) < 35
+
+
+def test_test_time_mirroring_averages_each_view_mapped_back():
+    """A position-dependent network, class-1 logit = row index h: at row h the plain probability is
+    sigmoid(h); mirrored along the rows (scan axis 0, slices along axis 2) it is sigmoid(H - 1 - h),
+    so TTA gives their mean."""
+    from medsight.engine.infer import probabilities
+
+    def forward(x):
+        rows = np.arange(x.shape[2], dtype=np.float32)[None, :, None]
+        logit = np.broadcast_to(rows, (x.shape[0], x.shape[2], x.shape[3]))
+        return np.stack([np.zeros_like(logit), logit], axis=1)
+
+    image = np.random.default_rng(0).normal(size=(1, 7, 5, 3)).astype(np.float32)
+    sigmoid = 1 / (1 + np.exp(-np.arange(7.0)))
+    plain = probabilities(forward, image, "2d", 1, None, slice_axis=2)
+    tta = probabilities(forward, image, "2d", 1, None, slice_axis=2, mirror_axes=(0,))
+    np.testing.assert_allclose(plain[1, :, 2, 1], sigmoid, rtol=1e-6)
+    np.testing.assert_allclose(tta[1, :, 2, 1], (sigmoid + sigmoid[::-1]) / 2, rtol=1e-6)
+
+
+def test_mirror_trained_model_predicts_with_tta_and_others_refuse(phantom, trained, tmp_path):
+    summary = train(
+        TrainConfig(
+            method="context25d", data=str(phantom), out=str(tmp_path / "run"), slices=3, mirror_axes=[0],
+            **{**TINY, "epochs": 1},
+        )
+    )  # fmt: skip
+    assert checkpoint.load(summary["best"])["mirror_axes"] == [0]
+    image = io.read(next((phantom / "imagesTr").glob("*.nii.gz")))
+    labels, probs = Predictor(summary["best"], tta=True).predict(image)
+    assert labels.spatial_shape == image.spatial_shape
+    np.testing.assert_allclose(labels.affine, image.affine)
+    np.testing.assert_allclose(probs.array.sum(0), 1.0, atol=1e-5)
+    result = run_cli(
+        "predict", str(phantom / "imagesTr"), "--model", trained["best"], "--tta", "-o", str(tmp_path / "o")
+    )
+    assert (
+        result.returncode == 2 and "test-time mirroring needs a model trained with mirroring" in result.stderr
+    )
+    result = run_cli("train", "--data", str(phantom), "--mirror-axes", "left", "-o", str(tmp_path / "bad"))
+    assert result.returncode == 2 and "--mirror-axes takes comma-separated axes" in result.stderr
+    with pytest.raises(MedsightError, match="mirror axes must be distinct spatial axes"):
+        train(
+            TrainConfig(
+                method="unet2d", data=str(phantom), out=str(tmp_path / "bad3"), mirror_axes=[3], **TINY
+            )
+        )

@@ -340,3 +340,26 @@ def test_semi_supervised_run_on_the_phantom(tmp_path):
     np.testing.assert_allclose(semi_log.val_dice[:4], sup_log.val_dice[:4], atol=1e-6)  # same warm-up
     assert semi_log.epi_loss[4:].notna().all() and semi_log.lv_loss[4:].notna().all()
     assert semi["best_val_dice"] > 0.7 and semi["best_val_dice"] >= supervised["best_val_dice"] - 0.05
+
+
+def test_test_time_rotations_and_mirrors_average_the_eight_views():
+    """A convolution of a rotated or mirrored image, mapped back, is the convolution of the image with
+    the kernel rotated or mirrored the other way: so TTA must equal the mean of the softmaxes of the
+    eight dihedral variants of one random kernel, computed here without any image transform."""
+    from medsight.tasks.lvit import predict_probabilities
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+    image = np.random.default_rng(0).normal(size=(1, 20, 28)).astype(np.float32)  # not square
+    kernels = [torch.rot90(conv.weight, k, dims=(-2, -1)) for k in range(4)]
+    kernels += [k.flip(-1) for k in kernels]
+    x = torch.from_numpy(image)[None]
+    with torch.no_grad():
+        expected = torch.stack(
+            [torch.softmax(torch.nn.functional.conv2d(x, w, conv.bias, padding=1), 1) for w in kernels]
+        ).mean(0)[0]
+    plain = predict_probabilities(conv, image, roi=32)
+    tta = predict_probabilities(conv, image, roi=32, tta=True)
+    assert tta.shape == plain.shape == (2, 20, 28)
+    np.testing.assert_allclose(tta, expected.numpy(), atol=1e-5)
+    assert np.abs(tta - plain).max() > 1e-3  # the kernel is not symmetric: the views differ

@@ -58,6 +58,12 @@ def train(
     class_weights: str = typer.Option(
         "auto", help="auto (log-damped inverse class frequency in the cross-entropy) or none."
     ),
+    mirror_axes: str = typer.Option(
+        "",
+        help="Comma-separated voxel axes along which mirror images are plausible and keep their label "
+        "names, e.g. 0 for left-right on a bilateral organ without left/right labels. Training mirrors "
+        "along them; `predict --tta` averages over them. Off by default.",
+    ),
     layout: str = typer.Option(None, help="Force a dataset layout instead of detecting it."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
@@ -76,7 +82,14 @@ def train(
         return
     from medsight.engine.train import TrainConfig
     from medsight.engine.train import train as run
+    from medsight.errors import MedsightError
 
+    try:
+        axes = [int(a) for a in mirror_axes.split(",") if a.strip()]
+    except ValueError:
+        raise MedsightError(
+            f"--mirror-axes takes comma-separated axes such as 0 or 0,1, not {mirror_axes!r}"
+        ) from None
     summary = run(
         TrainConfig(
             method=method,
@@ -97,6 +110,7 @@ def train(
             time_limit_minutes=time_limit,
             augmentation=augmentation,
             class_weights=class_weights,
+            mirror_axes=axes,
             resume=resume,
             overwrite=overwrite,
         )
@@ -116,6 +130,9 @@ def predict(
     ),
     save_probabilities: bool = typer.Option(False, "--probabilities", help="Also write <case>_prob.nii.gz."),
     onnx: Path = typer.Option(None, help="Run this ONNX export through onnxruntime instead of torch."),
+    tta: bool = typer.Option(
+        False, help="Average over mirror images along the model's training --mirror-axes (2^n passes)."
+    ),
     overwrite: bool = typer.Option(False),
 ) -> None:
     """Segment scans; each mask is written with its input's affine and the training label values."""
@@ -124,7 +141,7 @@ def predict(
     from medsight import io
     from medsight.engine.infer import Predictor
 
-    predictor = Predictor(model, backend="onnx" if onnx else "torch", onnx_path=onnx)
+    predictor = Predictor(model, backend="onnx" if onnx else "torch", onnx_path=onnx, tta=tta)
     scans = _expand(inputs)
     for path in tqdm(scans, desc="segmenting", disable=len(scans) < 2):
         case = path.name.split(".")[0] if path.is_file() else path.name

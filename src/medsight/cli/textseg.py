@@ -112,6 +112,9 @@ def predict(
         help="stored: the training masks' own values (0/255 for LViT); labels: 0, 1, ...",
     ),
     text_cache: Path = typer.Option(None, "--text-cache", help="Folder to cache text embeddings in."),
+    tta: bool = typer.Option(
+        False, "--tta", help="Average over the eight rotations and mirror images (eight passes)."
+    ),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder: <image-name>.png masks at full size."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing masks."),
 ) -> None:
@@ -138,7 +141,7 @@ def predict(
         table = read_text_file(text_sheet)
         require_rows(table, [p.name for p in paths], text_sheet)
         sentences = {p: lookup(table, p.name)[1] for p in paths}
-    predictor = TextSegPredictor(model, text_cache=text_cache)
+    predictor = TextSegPredictor(model, text_cache=text_cache, tta=tta)
     if predictor.uses_text:
         warn_missing_text(sum(1 for s in sentences.values() if not s), len(paths), "the input")
     targets = {p: out / f"{p.name.rsplit('.', 1)[0]}.png" for p in paths}

@@ -61,9 +61,23 @@ def volume_probabilities(forward: Forward, image: np.ndarray, patch: tuple[int, 
 
 
 def probabilities(
-    forward: Forward, image: np.ndarray, kind: str, slices: int, patch, slice_axis: int
+    forward: Forward, image: np.ndarray, kind: str, slices: int, patch, slice_axis: int, mirror_axes=()
 ) -> np.ndarray:
-    """Preprocessed image (C, X, Y, Z) -> class probabilities (K, X, Y, Z) on the same grid."""
+    """Preprocessed image (C, X, Y, Z) -> class probabilities (K, X, Y, Z) on the same grid.
+
+    With ``mirror_axes`` (spatial axes), the average over every combination of mirroring along them,
+    each mapped back: nnU-Net's test-time mirroring, 2**n passes.
+    """
+    if mirror_axes:
+        combos = [
+            tuple(1 + a for i, a in enumerate(mirror_axes) if bits >> i & 1)
+            for bits in range(2 ** len(mirror_axes))
+        ]
+        total = sum(
+            np.flip(probabilities(forward, np.flip(image, axes), kind, slices, patch, slice_axis), axes)
+            for axes in combos
+        )
+        return total / len(combos)
     if kind == "3d":
         return volume_probabilities(forward, image, tuple(patch))
     working = to_working(image, slice_axis)
@@ -88,9 +102,23 @@ def largest_components(labels: np.ndarray) -> np.ndarray:
 class Predictor:
     """Everything needed to segment a scan, rebuilt from one checkpoint file."""
 
-    def __init__(self, ckpt_path: str | Path, backend: str = "torch", onnx_path: str | Path | None = None):
+    def __init__(
+        self,
+        ckpt_path: str | Path,
+        backend: str = "torch",
+        onnx_path: str | Path | None = None,
+        tta: bool = False,
+    ):
         payload = checkpoint.load(ckpt_path)
         self.path = Path(ckpt_path)
+        # Test-time mirroring only along the axes the model was trained to see mirrored: along any
+        # other (left/right of a lateralised label set) the mirror image would get the wrong names.
+        self.mirror_axes = tuple(payload.get("mirror_axes", ()))
+        if tta and not self.mirror_axes:
+            raise MedsightError(
+                "test-time mirroring needs a model trained with mirroring (train --mirror-axes)", ckpt_path
+            )
+        self.tta = bool(tta)
         self.model_info = payload["model"]
         self.kind = self.model_info["kind"]
         self.slices = int(self.model_info.get("slices", 1))
@@ -136,7 +164,13 @@ class Predictor:
         self.check(scan)
         working = self.pre.image(scan)
         probs = probabilities(
-            self.forward, working.array, self.kind, self.slices, self.patch, self.pre.slice_axis
+            self.forward,
+            working.array,
+            self.kind,
+            self.slices,
+            self.patch,
+            self.pre.slice_axis,
+            self.mirror_axes if self.tta else (),
         )
         probs = self.pre.restore(probs, working, scan)
         labels = self.class_values[np.argmax(probs, axis=0)]

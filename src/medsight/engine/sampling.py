@@ -42,15 +42,48 @@ def pad_to(array: np.ndarray, shape: tuple[int, ...], value: float = 0.0) -> np.
     return np.pad(array, pads, constant_values=value) if any(p[1] for p in pads) else array
 
 
+def sample_axes(kind: str, scan_axis: int, slice_axis: int) -> tuple[int, int | None] | None:
+    """Where a scan's spatial axis lies in one training sample: (image axis, label axis or None).
+
+    3D patches keep the scan's axes, (C, X, Y, Z) and (X, Y, Z). Slices, (C, H, W) or stacks
+    (C, k, H, W), with their label (H, W), keep the in-plane axes in the scan's order; the slice axis
+    is the stack axis, which the centre slice's label does not have, and is absent from a 2D input
+    (None).
+    """
+    if kind == "3d":
+        return 1 + scan_axis, scan_axis
+    stack_axes = 1 if kind == "2.5d" else 0
+    if scan_axis == slice_axis:
+        return (1, None) if stack_axes else None
+    in_plane = [a for a in range(3) if a != slice_axis].index(scan_axis)
+    return 1 + stack_axes + in_plane, in_plane
+
+
 class PatchSampler:
     """Random training inputs from in-memory volumes, with nnU-Net-style foreground oversampling:
     a third of the samples are centred on a foreground voxel of a class drawn uniformly from those
-    present, so a small class (a lesion beside a large organ) is seen as often as the large one."""
+    present, so a small class (a lesion beside a large organ) is seen as often as the large one.
 
-    def __init__(self, images, labels, kind: str, patch: tuple[int, ...], slices: int, rng, fg_fraction=0.33):
+    ``mirror_axes`` (the scan's spatial axes) mirrors each sample along each of them with
+    probability 1/2.
+    """
+
+    def __init__(
+        self,
+        images,
+        labels,
+        kind: str,
+        patch: tuple[int, ...],
+        slices: int,
+        rng,
+        fg_fraction=0.33,
+        mirror_axes=(),
+        slice_axis: int = 2,
+    ):
         self.images, self.labels = images, labels
         self.kind, self.patch, self.slices, self.rng = kind, tuple(patch), slices, rng
         self.fg_fraction = fg_fraction
+        self.mirrors = [m for a in mirror_axes if (m := sample_axes(kind, a, slice_axis))]
         self.fg_voxels = [
             [np.argwhere(lab == value) for value in np.unique(lab) if value > 0] for lab in labels
         ]
@@ -91,6 +124,10 @@ class PatchSampler:
             w0 = self._crop_start(y.shape[1], self.patch[1], None if centre is None else int(centre[1]))
             x = x[..., h0 : h0 + self.patch[0], w0 : w0 + self.patch[1]]
             y = y[h0 : h0 + self.patch[0], w0 : w0 + self.patch[1]]
+        for x_axis, y_axis in self.mirrors:
+            if self.rng.random() < 0.5:
+                x = np.flip(x, x_axis)
+                y = y if y_axis is None else np.flip(y, y_axis)
         return pad_to(x, self.patch), pad_to(y, self.patch)
 
     def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -39,6 +39,10 @@ class TrainConfig:
     patience: int = 10  # epochs without a better validation Dice before stopping
     augmentation: str = "spatial"  # "none", "intensity" or "spatial" (rotation and scaling too)
     class_weights: str = "auto"  # "auto": log-damped inverse frequency; "none": plain cross-entropy
+    # Spatial axes of the scan array along which mirror images are anatomically plausible and keep
+    # their label names (left-right for a bilateral organ without left/right labels). Off by default:
+    # only the user knows whether a label set is lateralised.
+    mirror_axes: list[int] = field(default_factory=list)
     max_val_cases: int | None = None
     time_limit_minutes: float | None = None  # a wall-clock budget: stop after the epoch that passes it
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -189,6 +193,8 @@ def train(cfg: TrainConfig, return_model: bool = False):
     if cfg.method not in MODELS:
         raise MedsightError(f"unknown method '{cfg.method}'; choose one of {', '.join(MODELS)}")
     kind = MODELS[cfg.method].input_kind
+    if any(a not in (0, 1, 2) for a in cfg.mirror_axes) or len(set(cfg.mirror_axes)) != len(cfg.mirror_axes):
+        raise MedsightError(f"mirror axes must be distinct spatial axes 0, 1 or 2, not {cfg.mirror_axes}")
     rank, world = _distributed()
     out = Path(cfg.out)
     last_path, best_path = out / "last.pt", out / "best.pt"
@@ -254,6 +260,7 @@ def train(cfg: TrainConfig, return_model: bool = False):
         "labels": {int(k): v for k, v in labels.items()},
         "preprocessing": pre.to_dict(),
         "patch": list(patch),
+        "mirror_axes": sorted(cfg.mirror_axes),
         "data": {
             "root": str(cfg.data),
             "train_ids": data["train_ids"],
@@ -271,7 +278,14 @@ def train(cfg: TrainConfig, return_model: bool = False):
             [cfg.seed, rank, epoch]
         )  # per-epoch streams: a resumed run samples as an unbroken one
         sampler = PatchSampler(
-            [x for x, _ in train_work], [y for _, y in train_work], kind, patch, slices, rng
+            [x for x, _ in train_work],
+            [y for _, y in train_work],
+            kind,
+            patch,
+            slices,
+            rng,
+            mirror_axes=cfg.mirror_axes,
+            slice_axis=pre.slice_axis,
         )
         elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
         if world > 1:  # every process must step with the same learning rate

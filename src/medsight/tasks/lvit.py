@@ -290,8 +290,15 @@ def forward(model, x, tokens=None, mask=None):
     return model(x)
 
 
-def predict_probabilities(model, image: np.ndarray, text=None, roi: int = 256, batch: int = 4) -> np.ndarray:
-    """(C, h, w) -> (K, h, w) class probabilities by MONAI's Gaussian-weighted sliding window."""
+def predict_probabilities(
+    model, image: np.ndarray, text=None, roi: int = 256, batch: int = 4, tta: bool = False
+) -> np.ndarray:
+    """(C, h, w) -> (K, h, w) class probabilities by MONAI's Gaussian-weighted sliding window.
+
+    ``tta`` averages the probabilities over the eight rotations and mirror images of the input
+    (each mapped back), the same dihedral group the training crops are drawn from, so every view is
+    one the network has learned; it costs eight passes.
+    """
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -308,19 +315,23 @@ def predict_probabilities(model, image: np.ndarray, text=None, roi: int = 256, b
 
     if is_grounded(model):
         image = np.concatenate([image, positions(image.shape)])
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    views = [(turns, mirror) for turns in range(4) for mirror in (False, True)] if tta else [(0, False)]
     model.eval()
+    total = None
     with torch.no_grad(), warnings.catch_warnings():
         # MONAI 1.5 indexes with a list internally, which torch 2.x deprecates: nothing to act on here
         warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)
-        logits = sliding_window_inference(
-            torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
-            (roi, roi),
-            batch,
-            predictor,
-            overlap=0.25,
-            mode="gaussian",
-        )
-    return torch.softmax(torch.as_tensor(logits), dim=1)[0].numpy()
+        for turns, mirror in views:
+            view = torch.rot90(x, turns, dims=(-2, -1))
+            view = view.flip(-1) if mirror else view
+            logits = sliding_window_inference(
+                view, (roi, roi), batch, predictor, overlap=0.25, mode="gaussian"
+            )
+            probs = torch.softmax(torch.as_tensor(logits), dim=1)
+            probs = torch.rot90(probs.flip(-1) if mirror else probs, -turns, dims=(-2, -1))
+            total = probs if total is None else total + probs
+    return (total / len(views))[0].numpy()
 
 
 def build_network(config: dict[str, Any]):
@@ -692,7 +703,7 @@ class TextSegPredictor:
     dataset stored (e.g. 0/255 for LViT masks).
     """
 
-    def __init__(self, ckpt_path: str | Path, text_cache: str | Path | None = None):
+    def __init__(self, ckpt_path: str | Path, text_cache: str | Path | None = None, tta: bool = False):
         from medsight.engine import checkpoint
         from medsight.engine.preprocess import Preprocessing
         from medsight.text import TextEncoder
@@ -713,6 +724,7 @@ class TextSegPredictor:
         self.text_info = payload["text"]
         self.data = payload.get("data", {})
         self.model = build_network(self.model_info)
+        self.tta = bool(tta)
         checkpoint.load_weights(self.model, payload, self.path)
         self.model.eval()
         self.encoder = TextEncoder(int(self.text_info["max_tokens"]), text_cache) if self.uses_text else None
@@ -740,7 +752,7 @@ class TextSegPredictor:
         embedding = self.encoder.embed_one(text) if self.encoder is not None else TextEmbedding.empty()
         shape = tuple(scan.spatial_shape)
         image = resize(self.pre.normalise(scan.array), working_shape(shape, self.image_scale))
-        probs = predict_probabilities(self.model, image, embedding, self.window)
+        probs = predict_probabilities(self.model, image, embedding, self.window, tta=self.tta)
         probs = resize(probs, shape)
         classes = probs.argmax(0)
         table = self.stored_value_table() if stored_values else np.array(sorted(self.labels))
