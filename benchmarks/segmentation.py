@@ -61,7 +61,6 @@ def run_method(method: str, data: Path, out: Path, args, seed: int | None = None
     summary = train(cfg)
     dataset = open_dataset(data)
     predictor = Predictor(summary["best"], tta=bool(args.mirror_axes))
-    plain = Predictor(summary["best"]) if args.mirror_axes else None
     names = {v: n for v, n in predictor.labels.items() if v}
     from medsight.datasets import split_dataset
 
@@ -76,11 +75,13 @@ def run_method(method: str, data: Path, out: Path, args, seed: int | None = None
         mask, _ = predictor.predict(image)
         times.append(time.perf_counter() - t0)
         rows.append(segmentation_metrics(mask.array[0], label.array[0], image.spacing, names))
-        if plain is not None:
+        if args.mirror_axes:  # the same network without test-time mirroring
+            predictor.tta = False
             single = segmentation_metrics(
-                plain.predict(image)[0].array[0], label.array[0], image.spacing, names
+                predictor.predict(image)[0].array[0], label.array[0], image.spacing, names
             )
             plain_dice.append(np.mean([single[n]["dice"] for n in names.values()]))
+            predictor.tta = True
     peak = peak_rss_mb()
     dice = {n: float(np.mean([r[n]["dice"] for r in rows])) for n in names.values()}
     hd95 = {n: float(np.nanmean([r[n]["hd95_mm"] for r in rows])) for n in names.values()}
@@ -95,7 +96,7 @@ def run_method(method: str, data: Path, out: Path, args, seed: int | None = None
         "hd95_mm": hd95,
         **(
             {"mirror_axes": args.mirror_axes, "mean_dice_without_tta": float(np.mean(plain_dice))}
-            if plain
+            if args.mirror_axes
             else {}
         ),
         "train_seconds": summary["train_seconds"],
@@ -159,6 +160,8 @@ def table(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
+    from medsight.engine.tta import parse_axes
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -174,7 +177,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--class-weights", default="auto", choices=["auto", "none"])
     parser.add_argument(
         "--mirror-axes",
-        type=lambda text: [int(a) for a in text.split(",") if a],
+        type=parse_axes,
         default=[],
         help="scan axes to mirror in training and at test time (0: left-right on the hippocampus)",
     )

@@ -287,6 +287,40 @@ def test_mirrored_samples_keep_image_and_label_aligned():
     assert 5 < sum(increasing) < 35
 
 
+def test_view_sets_are_the_grid_symmetries_and_map_back():
+    from itertools import permutations
+
+    from medsight.engine.tta import average_over_views, dihedral_views, mirror_views
+
+    # The symmetries of a 2x2 square keep 0 and 3 on one diagonal: 4 places for 0, 2 for 1, so 8 grids.
+    square = np.array([[0, 1], [2, 3]])
+    symmetric = {p for p in permutations(range(4)) if p.index(0) + p.index(3) == 3}  # cells 0+3 or 1+2
+    views = dihedral_views()
+    assert len(symmetric) == 8 and {tuple(into(square).ravel()) for into, _ in views} == symmetric
+    assert (views[0][0](square) == square).all()  # the identity first
+
+    volume = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    flips = [volume, volume[:, ::-1], volume[:, :, :, ::-1], volume[:, ::-1, :, ::-1]]
+    mirrors = mirror_views([1, 3])
+    assert len(mirrors) == 4
+    for (into, _), expected in zip(mirrors, flips, strict=True):
+        np.testing.assert_array_equal(into(volume), expected)
+    for into, back in mirrors:
+        np.testing.assert_array_equal(back(into(volume)), volume)
+    for into, back in views:  # a non-square plane: a quarter turn changes the shape, back restores it
+        np.testing.assert_array_equal(back(into(volume[0, 0])), volume[0, 0])
+    # a prediction that is the view itself, mapped back, is the input every time
+    np.testing.assert_allclose(average_over_views(lambda v: v, volume[0].astype(float), views), volume[0])
+
+
+def test_parse_axes():
+    from medsight.engine.tta import parse_axes
+
+    assert parse_axes("0,2") == [0, 2] and parse_axes("") == [] and parse_axes(" 1 ") == [1]
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        parse_axes("left")
+
+
 def test_test_time_mirroring_averages_each_view_mapped_back():
     """A position-dependent network, class-1 logit = row index h: at row h the plain probability is
     sigmoid(h); mirrored along the rows (scan axis 0, slices along axis 2) it is sigmoid(H - 1 - h),
@@ -326,7 +360,7 @@ def test_mirror_trained_model_predicts_with_tta_and_others_refuse(phantom, train
         result.returncode == 2 and "test-time mirroring needs a model trained with mirroring" in result.stderr
     )
     result = run_cli("train", "--data", str(phantom), "--mirror-axes", "left", "-o", str(tmp_path / "bad"))
-    assert result.returncode == 2 and "--mirror-axes takes comma-separated axes" in result.stderr
+    assert result.returncode == 2 and "--mirror-axes: axes are comma-separated integers" in result.stderr
     with pytest.raises(MedsightError, match="mirror axes must be distinct spatial axes"):
         train(
             TrainConfig(

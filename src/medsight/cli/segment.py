@@ -82,14 +82,13 @@ def train(
         return
     from medsight.engine.train import TrainConfig
     from medsight.engine.train import train as run
+    from medsight.engine.tta import parse_axes
     from medsight.errors import MedsightError
 
     try:
-        axes = [int(a) for a in mirror_axes.split(",") if a.strip()]
-    except ValueError:
-        raise MedsightError(
-            f"--mirror-axes takes comma-separated axes such as 0 or 0,1, not {mirror_axes!r}"
-        ) from None
+        axes = parse_axes(mirror_axes)
+    except ValueError as error:
+        raise MedsightError(f"--mirror-axes: {error}") from None
     summary = run(
         TrainConfig(
             method=method,

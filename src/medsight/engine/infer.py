@@ -14,6 +14,7 @@ import numpy as np
 from medsight.engine import checkpoint
 from medsight.engine.preprocess import Preprocessing
 from medsight.engine.sampling import from_working, pad_to, round_up, stack, to_working
+from medsight.engine.tta import average_over_views, mirror_views
 from medsight.errors import MedsightError
 from medsight.scan import Scan
 
@@ -69,15 +70,11 @@ def probabilities(
     each mapped back: nnU-Net's test-time mirroring, 2**n passes.
     """
     if mirror_axes:
-        combos = [
-            tuple(1 + a for i, a in enumerate(mirror_axes) if bits >> i & 1)
-            for bits in range(2 ** len(mirror_axes))
-        ]
-        total = sum(
-            np.flip(probabilities(forward, np.flip(image, axes), kind, slices, patch, slice_axis), axes)
-            for axes in combos
+        return average_over_views(
+            lambda view: probabilities(forward, view, kind, slices, patch, slice_axis),
+            image,
+            mirror_views([1 + a for a in mirror_axes]),  # spatial axis a is array axis 1 + a
         )
-        return total / len(combos)
     if kind == "3d":
         return volume_probabilities(forward, image, tuple(patch))
     working = to_working(image, slice_axis)
@@ -100,7 +97,11 @@ def largest_components(labels: np.ndarray) -> np.ndarray:
 
 
 class Predictor:
-    """Everything needed to segment a scan, rebuilt from one checkpoint file."""
+    """Everything needed to segment a scan, rebuilt from one checkpoint file.
+
+    ``tta`` averages over mirror images along the model's training mirror axes; it is an attribute,
+    so one loaded network can predict both ways.
+    """
 
     def __init__(
         self,

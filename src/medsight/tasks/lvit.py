@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from medsight.engine.tta import average_over_views, dihedral_views
 from medsight.errors import MedsightError
 from medsight.scan import Scan
 
@@ -315,23 +316,23 @@ def predict_probabilities(
 
     if is_grounded(model):
         image = np.concatenate([image, positions(image.shape)])
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-    views = [(turns, mirror) for turns in range(4) for mirror in (False, True)] if tta else [(0, False)]
+
+    def one_view(view: np.ndarray) -> np.ndarray:
+        logits = sliding_window_inference(
+            torch.from_numpy(view.astype(np.float32))[None],
+            (roi, roi),
+            batch,
+            predictor,
+            overlap=0.25,
+            mode="gaussian",
+        )
+        return torch.softmax(torch.as_tensor(logits), dim=1)[0].numpy()
+
     model.eval()
-    total = None
     with torch.no_grad(), warnings.catch_warnings():
         # MONAI 1.5 indexes with a list internally, which torch 2.x deprecates: nothing to act on here
         warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)
-        for turns, mirror in views:
-            view = torch.rot90(x, turns, dims=(-2, -1))
-            view = view.flip(-1) if mirror else view
-            logits = sliding_window_inference(
-                view, (roi, roi), batch, predictor, overlap=0.25, mode="gaussian"
-            )
-            probs = torch.softmax(torch.as_tensor(logits), dim=1)
-            probs = torch.rot90(probs.flip(-1) if mirror else probs, -turns, dims=(-2, -1))
-            total = probs if total is None else total + probs
-    return (total / len(views))[0].numpy()
+        return average_over_views(one_view, image, dihedral_views() if tta else dihedral_views()[:1])
 
 
 def build_network(config: dict[str, Any]):
@@ -700,7 +701,8 @@ class TextSegPredictor:
 
     ``predict(image, text)`` returns the label map as a one-channel uint8 Scan at the image's own
     size and geometry: class values (``0, 1, ...``), or with ``stored_values=True`` the values the
-    dataset stored (e.g. 0/255 for LViT masks).
+    dataset stored (e.g. 0/255 for LViT masks). ``tta`` (an attribute, switchable between calls)
+    averages over the eight rotations and mirror images.
     """
 
     def __init__(self, ckpt_path: str | Path, text_cache: str | Path | None = None, tta: bool = False):
