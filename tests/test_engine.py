@@ -287,6 +287,25 @@ def test_mirrored_samples_keep_image_and_label_aligned():
     assert 5 < sum(increasing) < 35
 
 
+def test_weight_average_by_hand():
+    """Weights 1, 2, 3, 4 averaged with decay 0.2: the first update copies; then the decay is
+    min(0.2, (1 + n) / (10 + n)) after n updates: 2/11, then 0.2, 0.2."""
+    from medsight.engine.train import weight_average
+
+    net = torch.nn.Linear(1, 1, bias=False)
+    average = weight_average(net, 0.2)
+    expected = [1.0, 2 / 11 * 1 + 9 / 11 * 2, None, None]
+    expected[2] = 0.2 * expected[1] + 0.8 * 3
+    expected[3] = 0.2 * expected[2] + 0.8 * 4
+    for value, want in zip([1.0, 2.0, 3.0, 4.0], expected, strict=True):
+        net.weight.data.fill_(value)
+        average.update_parameters(net)
+        assert average.module.weight.item() == pytest.approx(want, rel=1e-6)
+    assert weight_average(net, 0.0) is None
+    with pytest.raises(MedsightError, match="decay must be in"):
+        weight_average(net, 1.0)
+
+
 def test_view_sets_are_the_grid_symmetries_and_map_back():
     from itertools import permutations
 

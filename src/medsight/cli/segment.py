@@ -64,6 +64,11 @@ def train(
         "names, e.g. 0 for left-right on a bilateral organ without left/right labels. Training mirrors "
         "along them; `predict --tta` averages over them. Off by default.",
     ),
+    ema_decay: float = typer.Option(
+        0.999,
+        help="Decay of the moving average of the weights that validation scores and the checkpoints "
+        "keep (0: the weights as trained).",
+    ),
     layout: str = typer.Option(None, help="Force a dataset layout instead of detecting it."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
@@ -110,6 +115,7 @@ def train(
             augmentation=augmentation,
             class_weights=class_weights,
             mirror_axes=axes,
+            ema_decay=ema_decay,
             resume=resume,
             overwrite=overwrite,
         )

@@ -43,6 +43,10 @@ class TrainConfig:
     # their label names (left-right for a bilateral organ without left/right labels). Off by default:
     # only the user knows whether a label set is lateralised.
     mirror_axes: list[int] = field(default_factory=list)
+    # Exponential moving average of the weights (Polyak averaging), updated after every step, is
+    # what validation scores and the checkpoints hold: it smooths the last epochs' noise out of
+    # small-batch training. 0 turns it off.
+    ema_decay: float = 0.999
     max_val_cases: int | None = None
     time_limit_minutes: float | None = None  # a wall-clock budget: stop after the epoch that passes it
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -177,6 +181,32 @@ def adamw(parameters, lr: float):
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4, fused=True)
 
 
+def average_decay(decay: float, updates: int) -> float:
+    """The decay of the ``updates + 1``-th weight-average update: ``decay``, but at most
+    ``(1 + n) / (10 + n)`` so that a short run's average follows its training instead of its
+    random initialisation (the warm-up of TensorFlow's ExponentialMovingAverage)."""
+    return min(decay, (1 + updates) / (10 + updates))
+
+
+def weight_average(model, decay: float):
+    """An exponential moving average of ``model``'s weights (and buffers), or None for ``decay`` 0:
+    each :meth:`update_parameters` call sets ``w_avg <- d * w_avg + (1 - d) * w`` with ``d`` from
+    :func:`average_decay` (the first call copies ``w``)."""
+    import torch
+    from torch.optim.swa_utils import AveragedModel
+
+    if not 0.0 <= decay < 1.0:
+        raise MedsightError(f"the weight-average decay must be in [0, 1), not {decay}")
+    if decay == 0.0:
+        return None
+
+    def update(averaged: list, current: list, updates) -> None:
+        if averaged[0].is_floating_point():  # tensors come grouped by dtype; counters are not averaged
+            torch._foreach_lerp_(averaged, current, 1.0 - average_decay(decay, int(updates)))
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
 def train(cfg: TrainConfig, return_model: bool = False):
     """Train; return a summary (best Dice, epochs, seconds, validation ids, checkpoint paths), and
     with ``return_model`` also the network as it ended (what each DDP process holds)."""
@@ -216,6 +246,8 @@ def train(cfg: TrainConfig, return_model: bool = False):
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.method, **model_kwargs)
     optimiser = adamw(model.parameters(), cfg.lr)
+    average = weight_average(model, cfg.ema_decay)
+    scored = average.module if average is not None else model  # validated, saved, predicted with
     total_iters = cfg.epochs * cfg.iters_per_epoch
     budget = 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
 
@@ -236,7 +268,10 @@ def train(cfg: TrainConfig, return_model: bool = False):
     best, first_epoch, stale = -1.0, 0, 0
     if cfg.resume and last_path.exists():
         state = checkpoint.load(last_path, method=cfg.method)
-        model.load_state_dict(state["state_dict"])
+        model.load_state_dict(state["training"].get("weights", state["state_dict"]))
+        if average is not None:
+            scored.load_state_dict(state["state_dict"])
+            average.n_averaged.fill_(state["training"].get("average_updates", 0))
         optimiser.load_state_dict(state["training"]["optimiser"])
         start -= state["training"]["elapsed"]  # the time budget covers the whole run, not each leg
         history, best = state["training"]["history"], state["training"]["best"]
@@ -271,7 +306,7 @@ def train(cfg: TrainConfig, return_model: bool = False):
 
     def forward(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return model(torch.from_numpy(x)).numpy()
+            return scored(torch.from_numpy(x)).numpy()
 
     for epoch in range(first_epoch, cfg.epochs):
         rng = np.random.default_rng(
@@ -307,12 +342,14 @@ def train(cfg: TrainConfig, return_model: bool = False):
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+            if average is not None:
+                average.update_parameters(model)
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
 
         stop = torch.zeros(1)
         if rank == 0:
-            model.eval()
+            scored.eval()
             scores = []
             for x, y in data["val"]:
                 pred = np.argmax(probabilities(forward, x, kind, slices, patch, pre.slice_axis), axis=0)
@@ -342,7 +379,10 @@ def train(cfg: TrainConfig, return_model: bool = False):
                 "stale": stale,
                 "config": asdict(cfg),
             }
-            payload = {**payload_base, "state_dict": model.state_dict(), "training": training_state}
+            if average is not None:  # resuming needs the trained weights as well as their average
+                training_state["weights"] = model.state_dict()
+                training_state["average_updates"] = int(average.n_averaged)
+            payload = {**payload_base, "state_dict": scored.state_dict(), "training": training_state}
             save_epoch(out, payload, history, mean_dice, improved, cfg.progress)
             out_of_time = cfg.time_limit_minutes and time.perf_counter() - start > 60 * cfg.time_limit_minutes
             stop[0] = float(stale >= cfg.patience or bool(out_of_time))
