@@ -56,6 +56,7 @@ def run_method(method: str, data: Path, out: Path, args, seed: int | None = None
         seed=args.seed if seed is None else seed, split_seed=args.seed, patience=args.epochs,
         time_limit_minutes=args.minutes, max_val_cases=args.val_cases_per_epoch, overwrite=True,
         augmentation=args.augmentation, class_weights=args.class_weights, mirror_axes=args.mirror_axes,
+        ema_decay=args.ema_decay,
         progress=not args.quiet,
     )  # fmt: skip
     summary = train(cfg)
@@ -160,6 +161,7 @@ def table(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
+    from medsight.engine.train import TrainConfig
     from medsight.engine.tta import parse_axes
 
     parser = argparse.ArgumentParser(
@@ -180,6 +182,12 @@ def main(argv=None) -> dict:
         type=parse_axes,
         default=[],
         help="scan axes to mirror in training and at test time (0: left-right on the hippocampus)",
+    )
+    parser.add_argument(
+        "--ema-decay",
+        type=float,
+        default=TrainConfig.ema_decay,
+        help="decay of the weight average that is validated and scored (0: the weights as trained)",
     )
     parser.add_argument("--seed", type=int, default=0, help="split seed, and training seed of the main runs")
     parser.add_argument(
@@ -244,7 +252,14 @@ def main(argv=None) -> dict:
     # Merged into what is on disk just before writing, so methods can run in parallel processes.
     results = _read_results(args.out / f"{name}.json")
     if main_runs:
-        results.update({"dataset": str(args.data), "budget_minutes": args.minutes, "seed": args.seed})
+        results.update(
+            {
+                "dataset": str(args.data),
+                "budget_minutes": args.minutes,
+                "seed": args.seed,
+                "ema_decay": args.ema_decay,
+            }
+        )
     results["methods"].update(main_runs)
     results["brats"].update(brats)
     for method in main_runs:  # a new main run makes the earlier seeds' runs stale

@@ -179,9 +179,11 @@ def test_ddp_two_cpu_processes_hold_the_same_weights(phantom, tmp_path):
     assert (tmp_path / "run" / "last.pt").exists()
 
 
-def test_resume_after_kill_matches_an_unbroken_run(phantom, tmp_path):
+@pytest.mark.parametrize("ema_decay", ["0", "0.9"])
+def test_resume_after_kill_matches_an_unbroken_run(phantom, tmp_path, ema_decay):
+    """With a weight average, resuming must restore both the weights and their average."""
     args = ["train", "--data", str(phantom), "--method", "context25d", "--slices", "3", "--epochs", "3",
-            "--iters-per-epoch", "2", "--batch-size", "2", "--max-val-cases", "1"]  # fmt: skip
+            "--iters-per-epoch", "2", "--batch-size", "2", "--max-val-cases", "1", "--ema-decay", ema_decay]  # fmt: skip
     unbroken = subprocess.run([*MEDSIGHT, *args, "-o", str(tmp_path / "a")], capture_output=True, text=True)
     assert unbroken.returncode == 0, unbroken.stderr
     proc = subprocess.Popen(
@@ -200,8 +202,13 @@ def test_resume_after_kill_matches_an_unbroken_run(phantom, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     a, b = (checkpoint.load(tmp_path / r / "last.pt") for r in ("a", "b"))
     assert len(b["training"]["history"]) == 3
-    for key in a["state_dict"]:
-        assert torch.allclose(a["state_dict"][key], b["state_dict"][key], atol=1e-5), key
+    pairs = [(a["state_dict"], b["state_dict"])]
+    if ema_decay != "0":  # the average, and the weights it averages (which differ from it)
+        pairs.append((a["training"]["weights"], b["training"]["weights"]))
+        assert not all(torch.equal(a["state_dict"][k], a["training"]["weights"][k]) for k in a["state_dict"])
+    for left, right in pairs:
+        for key in left:
+            assert torch.allclose(left[key], right[key], atol=1e-5), key
 
 
 # -- bad input ------------------------------------------------------------------------------------------
