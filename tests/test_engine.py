@@ -387,6 +387,9 @@ def test_mirror_trained_model_predicts_with_tta_and_others_refuse(phantom, train
     )
     result = run_cli("train", "--data", str(phantom), "--mirror-axes", "left", "-o", str(tmp_path / "bad"))
     assert result.returncode == 2 and "--mirror-axes: axes are comma-separated integers" in result.stderr
+    result = run_cli("train", "--data", str(phantom), "--ema-decay", "1.5", "-o", str(tmp_path / "bad2"))
+    assert result.returncode == 2 and "decay must be in [0, 1), not 1.5" in result.stderr
+    assert not (tmp_path / "bad2").exists()  # refused before anything was read or made
     with pytest.raises(MedsightError, match="mirror axes must be distinct spatial axes"):
         train(
             TrainConfig(

@@ -189,6 +189,11 @@ def average_decay(decay: float, updates: int) -> float:
     return min(decay, (1 + updates) / (10 + updates))
 
 
+def check_decay(decay: float) -> None:
+    if not 0.0 <= decay < 1.0:
+        raise MedsightError(f"the weight-average decay must be in [0, 1), not {decay}")
+
+
 def weight_average(model, decay: float):
     """An exponential moving average of ``model``'s weights (and buffers), or None for ``decay`` 0:
     each :meth:`update_parameters` call sets ``w_avg <- d * w_avg + (1 - d) * w`` with ``d`` from
@@ -196,8 +201,7 @@ def weight_average(model, decay: float):
     import torch
     from torch.optim.swa_utils import AveragedModel
 
-    if not 0.0 <= decay < 1.0:
-        raise MedsightError(f"the weight-average decay must be in [0, 1), not {decay}")
+    check_decay(decay)
     if decay == 0.0:
         return None
 
@@ -226,6 +230,7 @@ def train(cfg: TrainConfig, return_model: bool = False):
     kind = MODELS[cfg.method].input_kind
     if any(a not in (0, 1, 2) for a in cfg.mirror_axes) or len(set(cfg.mirror_axes)) != len(cfg.mirror_axes):
         raise MedsightError(f"mirror axes must be distinct spatial axes 0, 1 or 2, not {cfg.mirror_axes}")
+    check_decay(cfg.ema_decay)  # before any file is read or folder made
     rank, world = _distributed()
     out = Path(cfg.out)
     last_path, best_path = out / "last.pt", out / "best.pt"
