@@ -396,3 +396,8 @@ def test_mirror_trained_model_predicts_with_tta_and_others_refuse(phantom, train
                 method="unet2d", data=str(phantom), out=str(tmp_path / "bad3"), mirror_axes=[3], **TINY
             )
         )
+    result = run_cli(
+        "train", "--data", str(phantom), "--class-weights", "inverse", "-o", str(tmp_path / "bad4")
+    )
+    assert result.returncode == 2 and "class_weights must be 'auto' or 'none', not 'inverse'" in result.stderr
+    assert not (tmp_path / "bad4").exists()

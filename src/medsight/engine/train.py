@@ -231,6 +231,8 @@ def train(cfg: TrainConfig, return_model: bool = False):
     if any(a not in (0, 1, 2) for a in cfg.mirror_axes) or len(set(cfg.mirror_axes)) != len(cfg.mirror_axes):
         raise MedsightError(f"mirror axes must be distinct spatial axes 0, 1 or 2, not {cfg.mirror_axes}")
     check_decay(cfg.ema_decay)  # before any file is read or folder made
+    if cfg.class_weights not in ("auto", "none"):
+        raise MedsightError(f"class_weights must be 'auto' or 'none', not {cfg.class_weights!r}")
     rank, world = _distributed()
     out = Path(cfg.out)
     last_path, best_path = out / "last.pt", out / "best.pt"
@@ -265,8 +267,6 @@ def train(cfg: TrainConfig, return_model: bool = False):
             progress = max(progress, elapsed / budget)
         return cfg.lr * (1 - min(progress, 0.999)) ** 0.9
 
-    if cfg.class_weights not in ("auto", "none"):
-        raise MedsightError(f"class_weights must be 'auto' or 'none', not {cfg.class_weights!r}")
     weights = class_weights([y for _, y in data["train"]], n_classes) if cfg.class_weights == "auto" else None
     loss_fn = WeightedCEDiceLoss(n_classes, class_weights=weights)
 
