@@ -134,6 +134,7 @@ def run_config(name: str, data: Path, test_folder: Path, runs: Path, args) -> di
         labeled_fraction=fraction, use_epi=use_epi, use_lv_loss=use_lv, crop_size=args.crop,
         image_scale=args.scale, batch_size=args.batch_size, epochs=args.epochs, iters_per_epoch=args.iters,
         seed=args.seed, time_limit_minutes=minutes, text_cache=str(runs / "text_cache"), overwrite=True,
+        ema_decay=args.ema_decay,
         progress=not args.quiet,
     )  # fmt: skip
     summary = train_textseg(cfg)
@@ -149,7 +150,7 @@ def run_config(name: str, data: Path, test_folder: Path, runs: Path, args) -> di
         "settings": {
             "method": method, "size": size, "with_text": with_text, "grounded": grounded, "use_epi": summary["use_epi"],
             "use_lv_loss": summary["use_lv_loss"], "minutes": minutes, "crop": args.crop, "scale": args.scale,
-            "seed": args.seed, "batch_size": args.batch_size,
+            "seed": args.seed, "batch_size": args.batch_size, "ema_decay": args.ema_decay,
         },
     }  # fmt: skip
 
@@ -224,6 +225,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--crop", type=int, default=128, help="training crop at the working scale")
     parser.add_argument("--scale", type=float, default=0.5, help="working scale (MoNuSeg 1000 px -> 500 px)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ema-decay", type=float, default=0.0, help="validate and keep a moving average of the weights"
+    )
     parser.add_argument(
         "--runs", type=Path, default=None, help="where run folders go (default: a temp folder)"
     )

@@ -13,6 +13,7 @@ from medsight.models.lvit import PLAM, LViT, lvit
 from medsight.tasks.lvit import (
     TextSegConfig,
     TextSegPredictor,
+    build_network,
     choose_labeled,
     epi_update,
     lv_loss,
@@ -264,6 +265,46 @@ def test_grounded_run_trains_and_predicts(phantom, tmp_path):
     scan = io.read(sorted((phantom / "Val_Folder" / "img").iterdir())[0])
     mask = TextSegPredictor(summary["best"]).predict(scan, "The nuclei density in the left is high.")
     assert mask.array.shape == (1, *scan.spatial_shape)
+
+
+def test_weight_average_is_what_the_checkpoint_holds(phantom, tmp_path, monkeypatch):
+    """Two optimiser steps with decay 0.9: the first update copies w1, the second uses the warm-up
+    decay d = min(0.9, 2/11), so the saved weights are d * w1 + (1 - d) * w2."""
+    import medsight.engine.train as engine
+    from medsight.engine import checkpoint
+
+    snapshots = []
+    plain_adamw = engine.adamw
+
+    def recording_adamw(parameters, lr):
+        parameters = list(parameters)
+        optimiser = plain_adamw(parameters, lr)
+        step = optimiser.step
+
+        def recorded_step(*args, **kwargs):
+            result = step(*args, **kwargs)
+            snapshots.append([p.detach().clone() for p in parameters])
+            return result
+
+        optimiser.step = recorded_step
+        return optimiser
+
+    monkeypatch.setattr(engine, "adamw", recording_adamw)
+    summary = train_textseg(
+        TextSegConfig(data=str(phantom), out=str(tmp_path / "run"), labeled_fraction=1.0, ema_decay=0.9,
+                      text_cache=str(tmp_path / "cache"), **{**TINY, "epochs": 1})
+    )  # fmt: skip
+    assert len(snapshots) == 2
+    decay = 2 / 11
+    payload = checkpoint.load(summary["last"])
+    saved = payload["state_dict"]
+    names = [name for name, _ in build_network(payload["model"]).named_parameters()]
+    for name, w1, w2 in zip(names, *snapshots, strict=True):
+        torch.testing.assert_close(saved[name], decay * w1 + (1 - decay) * w2, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(w1, w2) for w1, w2 in zip(*snapshots, strict=True))  # training moved them
+    with pytest.raises(MedsightError, match="decay must be in"):
+        train_textseg(TextSegConfig(data=str(phantom), out=str(tmp_path / "bad"), ema_decay=1.0, **TINY))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cli_predict_writes_full_size_masks_and_names_missing_sheet_rows(trained, phantom, tmp_path):

@@ -61,6 +61,11 @@ def train(
     scale: float = typer.Option(1.0, "--scale", help="Working scale: 0.5 trains and predicts at half size."),
     lr: float = typer.Option(2e-3),
     seed: int = typer.Option(0, help="Seeds the labeled subset, the weights and the sampling."),
+    ema_decay: float = typer.Option(
+        0.0,
+        "--ema-decay",
+        help="Validate, pseudo-label and save a moving average of the weights with this decay (0: off).",
+    ),
     out: Path = typer.Option(
         Path("runs/textseg"), "-o", "--out", help="Run folder: checkpoints, metrics, curve."
     ),
@@ -80,6 +85,7 @@ def train(
             use_epi=semi_default if epi is None else epi, use_lv_loss=semi_default if lv_loss is None else lv_loss,
             crop_size=crop, image_scale=scale, batch_size=batch_size, epochs=epochs,
             iters_per_epoch=iters_per_epoch, lr=lr, seed=seed, time_limit_minutes=minutes, overwrite=overwrite,
+            ema_decay=ema_decay,
         )
     )  # fmt: skip
     typer.echo(

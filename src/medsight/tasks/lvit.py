@@ -87,6 +87,9 @@ class TextSegConfig:
     overwrite: bool = False
     progress: bool = True
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # > 0: validation, pseudo-labels and the checkpoints use an exponential moving average of the
+    # weights (engine.train.weight_average). Off by default, as in the segmentation engine.
+    ema_decay: float = 0.0
 
 
 # -- the semi-supervised pieces -----------------------------------------------------------------
@@ -400,7 +403,7 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
 
     from medsight.datasets import open_dataset, split_dataset
     from medsight.engine.preprocess import Preprocessing
-    from medsight.engine.train import adamw, save_epoch
+    from medsight.engine.train import adamw, check_decay, save_epoch, weight_average
     from medsight.losses import WeightedCEDiceLoss
     from medsight.text import TEXT_MODEL, TextEmbedding, TextEncoder, warn_missing_text
 
@@ -410,6 +413,7 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
         raise MedsightError(
             f"crop_size must be >= 16 and image_scale > 0, got {cfg.crop_size}, {cfg.image_scale}"
         )
+    check_decay(cfg.ema_decay)
     out = Path(cfg.out)
     best_path, last_path = out / "best.pt", out / "last.pt"
     if last_path.exists() and not cfg.overwrite:
@@ -487,6 +491,8 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
     set_track_meta(False)
     model, model_info = _build(cfg, pre.in_channels, n_classes)
     optimiser = adamw(model.parameters(), cfg.lr)
+    average = weight_average(model, cfg.ema_decay)
+    scored = average.module if average is not None else model  # validates, pseudo-labels, is saved
     budget = 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
     total_iters = cfg.epochs * cfg.iters_per_epoch
     sup_loss = WeightedCEDiceLoss(n_classes)
@@ -560,13 +566,13 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
 
     def refresh_pseudo_labels() -> None:
         for it in tqdm(unlabeled, desc="pseudo-labels", disable=not cfg.progress, leave=False):
-            current = predict_probabilities(model, it.image, it.text, roi)
+            current = predict_probabilities(scored, it.image, it.text, roi)
             pseudo[it.case_id] = epi_update(pseudo[it.case_id], current, beta)
 
     def validate() -> float:
         scores = []
         for it in val:
-            probs = predict_probabilities(model, it.image, it.text, roi)
+            probs = predict_probabilities(scored, it.image, it.text, roi)
             scores.append(_dice(probs.argmax(0), it.label, n_classes))
         return float(np.mean(scores))
 
@@ -642,6 +648,8 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+            if average is not None:
+                average.update_parameters(model)
             totals["loss"].append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(totals['loss'][-10:]):.3f}")
 
@@ -662,7 +670,7 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
             best, best_epoch = dice, epoch + 1
         payload = {
             **payload_base,
-            "state_dict": model.state_dict(),
+            "state_dict": scored.state_dict(),
             "training": {"epoch": epoch + 1, "history": history, "best": best, "config": asdict(cfg)},
         }
         save_epoch(out, payload, history, dice, improved, cfg.progress)
