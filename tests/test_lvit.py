@@ -302,8 +302,15 @@ def test_weight_average_is_what_the_checkpoint_holds(phantom, tmp_path, monkeypa
     for name, w1, w2 in zip(names, *snapshots, strict=True):
         torch.testing.assert_close(saved[name], decay * w1 + (1 - decay) * w2, rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(w1, w2) for w1, w2 in zip(*snapshots, strict=True))  # training moved them
-    with pytest.raises(MedsightError, match="decay must be in"):
-        train_textseg(TextSegConfig(data=str(phantom), out=str(tmp_path / "bad"), ema_decay=1.0, **TINY))
+    from typer.testing import CliRunner
+
+    from medsight.cli.main import app
+
+    run = CliRunner().invoke(app, ["textseg", "train", "--data", str(phantom), "--ema-decay", "1.0",
+                                   "-o", str(tmp_path / "bad")])  # fmt: skip
+    assert isinstance(run.exception, MedsightError) and "decay must be in [0, 1), not 1.0" in str(
+        run.exception
+    )
     assert not (tmp_path / "bad").exists()
 
 
