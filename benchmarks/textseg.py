@@ -206,6 +206,8 @@ def table(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
+    from medsight.tasks.lvit import TextSegConfig
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -226,7 +228,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--scale", type=float, default=0.5, help="working scale (MoNuSeg 1000 px -> 500 px)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--ema-decay", type=float, default=0.0, help="validate and keep a moving average of the weights"
+        "--ema-decay",
+        type=float,
+        default=TextSegConfig.ema_decay,
+        help="validate, pseudo-label and keep a moving average of the weights (0: the weights as trained)",
     )
     parser.add_argument(
         "--runs", type=Path, default=None, help="where run folders go (default: a temp folder)"
