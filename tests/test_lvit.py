@@ -314,6 +314,47 @@ def test_weight_average_is_what_the_checkpoint_holds(phantom, tmp_path, monkeypa
     assert not (tmp_path / "bad").exists()
 
 
+def test_interrupted_run_resumes_as_an_unbroken_one(phantom, tmp_path, monkeypatch):
+    """Stopped after epoch 3 of 5, with pseudo-labels refreshed at epochs 1, 3 and 5: the resumed run
+    must restore the weights, their average, the optimiser and the EPI running pseudo-labels, or its
+    fifth-epoch pseudo-labels (and so its weights) differ from the unbroken run's."""
+    import medsight.engine.train as engine
+    from medsight.engine import checkpoint
+
+    options = dict(data=str(phantom), labeled_fraction=0.5, warmup_fraction=0.0, ema_decay=0.9,
+                   text_cache=str(tmp_path / "cache"), **{**TINY, "epochs": 5})  # fmt: skip
+    unbroken = train_textseg(TextSegConfig(out=str(tmp_path / "a"), **options))
+
+    plain_save_epoch = engine.save_epoch
+
+    def save_then_stop_after_epoch_3(out, payload, history, *args, **kwargs):
+        plain_save_epoch(out, payload, history, *args, **kwargs)
+        if len(history) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "save_epoch", save_then_stop_after_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_textseg(TextSegConfig(out=str(tmp_path / "b"), **options))
+    monkeypatch.setattr(engine, "save_epoch", plain_save_epoch)
+    with pytest.raises(MedsightError, match="pass --resume to continue it or --overwrite"):
+        train_textseg(TextSegConfig(out=str(tmp_path / "b"), **options))
+    with pytest.raises(MedsightError, match=r"other options \(lr, seed\)"):
+        train_textseg(
+            TextSegConfig(out=str(tmp_path / "b"), resume=True, **{**options, "seed": 1, "lr": 1e-3})
+        )
+    resumed = train_textseg(TextSegConfig(out=str(tmp_path / "b"), resume=True, **options))
+
+    assert unbroken["pseudo_label_rounds"] == resumed["pseudo_label_rounds"] == 3
+    a, b = (checkpoint.load(tmp_path / run / "last.pt") for run in ("a", "b"))
+    assert [r["epoch"] for r in b["training"]["history"]] == [1, 2, 3, 4, 5]
+    for weights in (lambda run: run["state_dict"], lambda run: run["training"]["weights"]):
+        for name, value in weights(a).items():
+            torch.testing.assert_close(weights(b)[name], value, rtol=0, atol=1e-5, msg=name)
+    for case, value in a["training"]["pseudo_labels"].items():
+        np.testing.assert_allclose(b["training"]["pseudo_labels"][case], value, atol=1e-5)
+    assert "pseudo_labels" not in checkpoint.load(tmp_path / "b" / "best.pt")["training"]
+
+
 def test_cli_predict_writes_full_size_masks_and_names_missing_sheet_rows(trained, phantom, tmp_path):
     from typer.testing import CliRunner
 

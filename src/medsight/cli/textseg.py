@@ -70,6 +70,9 @@ def train(
         Path("runs/textseg"), "-o", "--out", help="Run folder: checkpoints, metrics, curve."
     ),
     overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
+    resume: bool = typer.Option(
+        False, help="Continue the run in --out from its last epoch (same options as when it started)."
+    ),
 ) -> None:
     """Train on the train split, keep the checkpoint with the best Dice on the validation split."""
     from medsight.errors import MedsightError
@@ -85,7 +88,7 @@ def train(
             use_epi=semi_default if epi is None else epi, use_lv_loss=semi_default if lv_loss is None else lv_loss,
             crop_size=crop, image_scale=scale, batch_size=batch_size, epochs=epochs,
             iters_per_epoch=iters_per_epoch, lr=lr, seed=seed, time_limit_minutes=minutes, overwrite=overwrite,
-            ema_decay=ema_decay,
+            resume=resume, ema_decay=ema_decay,
         )
     )  # fmt: skip
     typer.echo(

@@ -417,10 +417,19 @@ def train(cfg: TrainConfig, return_model: bool = False):
 
 
 def save_epoch(
-    out: Path, payload: dict, history: list[dict[str, Any]], dice: float, improved: bool, progress: bool
+    out: Path,
+    payload: dict,
+    history: list[dict[str, Any]],
+    dice: float,
+    improved: bool,
+    progress: bool,
+    resume_only: dict[str, Any] | None = None,
 ) -> None:
     """End of a validated epoch: ``last.pt`` (and ``best.pt`` when it improved), metrics.csv, the
-    training curve and a one-line report. Shared by every training loop that validates by Dice."""
+    training curve and a one-line report. Shared by every training loop that validates by Dice.
+
+    ``resume_only`` joins the training state of ``last.pt`` alone: bulky state that only a resumed
+    run needs (pseudo-labels) stays out of ``best.pt``, the file users keep and ship."""
     import pandas as pd
 
     from medsight.engine import checkpoint
@@ -429,6 +438,8 @@ def save_epoch(
 
     if improved:
         checkpoint.save(out / "best.pt", payload)
+    if resume_only:
+        payload = {**payload, "training": {**payload["training"], **resume_only}}
     checkpoint.save(out / "last.pt", payload)
     write_text(out / "metrics.csv", pd.DataFrame(history).to_csv(index=False), overwrite=True)
     plot_curves(history, out / "training_curve.png", overwrite=True)

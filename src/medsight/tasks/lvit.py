@@ -85,6 +85,7 @@ class TextSegConfig:
     val_fraction: float = 0.2
     max_val_cases: int | None = None
     overwrite: bool = False
+    resume: bool = False  # continue the run in ``out`` from its last.pt, with the same options
     progress: bool = True
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     # > 0: validation, pseudo-labels and the checkpoints use an exponential moving average of the
@@ -416,8 +417,13 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
     check_decay(cfg.ema_decay)
     out = Path(cfg.out)
     best_path, last_path = out / "best.pt", out / "last.pt"
+    resumed = None
     if last_path.exists() and not cfg.overwrite:
-        raise MedsightError("holds a training run already; pass --overwrite to start afresh", out)
+        if not cfg.resume:
+            raise MedsightError(
+                "holds a training run already; pass --resume to continue it or --overwrite", out
+            )
+        resumed = _resumable(last_path, cfg)
     start = time.perf_counter()
     dataset = open_dataset(cfg.data, cfg.layout)
     if dataset.dim != 2:
@@ -433,6 +439,14 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
         raise MedsightError("no training image has a mask", cfg.data)
     labeled_ids = choose_labeled(has_mask, cfg.labeled_fraction, cfg.seed)
     unlabeled_ids = [i for i in train_ids if i not in set(labeled_ids)]
+    if resumed is not None and [resumed["data"][k] for k in ("train_ids", "val_ids", "labeled_ids")] != [
+        train_ids,
+        val_ids,
+        labeled_ids,
+    ]:
+        raise MedsightError(
+            "holds a run on other images; resume it on the same data or pass --overwrite", out
+        )
 
     # Text: every image's sentence, embedded once (cached on disk).
     all_ids = train_ids + val_ids
@@ -498,15 +512,33 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
     sup_loss = WeightedCEDiceLoss(n_classes)
     crop = cfg.crop_size
     roi = 2 * crop
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)  # replaced by each epoch's own stream
     grounded = is_grounded(model)
     spatial_extra = ["positions"] if grounded else []
     aug_labeled = _augmenter(crop, ["image", "label", *spatial_extra])
     aug_unlabeled = _augmenter(crop, ["image", "pseudo", "matched", *spatial_extra])
-    aug_labeled.set_random_state(seed=cfg.seed)
-    aug_unlabeled.set_random_state(seed=cfg.seed + 1)
     pseudo: dict[str, np.ndarray | None] = {it.case_id: None for it in unlabeled}
     beta = cfg.epi_beta
+    history: list[dict[str, Any]] = []
+    best, best_epoch, rounds, first_epoch = -1.0, 0, 0, 0
+    semi_started_at: int | None = None
+    if resumed is not None:
+        saved = resumed["training"]
+        model.load_state_dict(saved.get("weights", resumed["state_dict"]))
+        if average is not None:
+            scored.load_state_dict(resumed["state_dict"])
+            average.n_averaged.fill_(saved["average_updates"])
+        optimiser.load_state_dict(saved["optimiser"])
+        start -= saved["elapsed"]  # the time budget covers the whole run, not each leg
+        history, best, best_epoch = saved["history"], saved["best"], saved["best_epoch"]
+        rounds, semi_started_at, first_epoch = (
+            saved["pseudo_label_rounds"],
+            saved["semi_started_at"],
+            saved["epoch"],
+        )
+        pseudo.update(saved["pseudo_labels"])
+        if cfg.progress:
+            print(f"resuming {cfg.method} at epoch {first_epoch + 1} (best Dice so far {best:.4f})")
 
     def progress_of(iteration: int) -> float:
         done = iteration / total_iters
@@ -600,10 +632,11 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
         },
     }
     out.mkdir(parents=True, exist_ok=True)
-    history: list[dict[str, Any]] = []
-    best, best_epoch, rounds, epoch = -1.0, 0, 0, 0
-    semi_started_at: int | None = None
-    for epoch in range(cfg.epochs):
+    for epoch in range(first_epoch, cfg.epochs):
+        # Per-epoch random streams, so that a resumed run samples and augments as an unbroken one.
+        rng = np.random.default_rng([cfg.seed, epoch])
+        aug_labeled.set_random_state(seed=int(rng.integers(2**31)))
+        aug_unlabeled.set_random_state(seed=int(rng.integers(2**31)))
         if (
             semi
             and semi_started_at is None
@@ -668,12 +701,22 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
         improved = dice > best
         if improved:
             best, best_epoch = dice, epoch + 1
-        payload = {
-            **payload_base,
-            "state_dict": scored.state_dict(),
-            "training": {"epoch": epoch + 1, "history": history, "best": best, "config": asdict(cfg)},
+        training = {
+            "epoch": epoch + 1,
+            "history": history,
+            "best": best,
+            "best_epoch": best_epoch,
+            "config": asdict(cfg),
+            "optimiser": optimiser.state_dict(),
+            "elapsed": time.perf_counter() - start,
+            "pseudo_label_rounds": rounds,
+            "semi_started_at": semi_started_at,
         }
-        save_epoch(out, payload, history, dice, improved, cfg.progress)
+        if average is not None:  # resuming needs the trained weights as well as their average
+            training["weights"] = model.state_dict()
+            training["average_updates"] = int(average.n_averaged)
+        payload = {**payload_base, "state_dict": scored.state_dict(), "training": training}
+        save_epoch(out, payload, history, dice, improved, cfg.progress, {"pseudo_labels": pseudo})
         if budget and time.perf_counter() - start > budget:
             break
 
@@ -701,6 +744,36 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
 
     write_text(out / "summary.json", json.dumps(summary, indent=2), overwrite=True)
     return summary
+
+
+def _resumable(last_path: Path, cfg: TextSegConfig) -> dict[str, Any]:
+    """The run's ``last.pt``, once it is known to be a text-guided run started with ``cfg``'s options.
+
+    Any option that shapes the run (network, labeled subset, schedule, budget, seed) must be the
+    same, or the resumed run would be a different experiment with a borrowed history.
+    """
+    from medsight.engine import checkpoint
+
+    state = checkpoint.load(last_path)
+    saved = state.get("training", {})
+    if state.get("method") != "textseg":
+        raise MedsightError("is not a text-guided run; pass --overwrite to start afresh", last_path)
+    if "optimiser" not in saved:
+        raise MedsightError(
+            "was written by a medsight version that could not resume text-guided runs; pass --overwrite",
+            last_path,
+        )
+    not_compared = {"data", "out", "overwrite", "resume", "progress", "text_cache"}
+    changed = [
+        key for key, value in asdict(cfg).items()
+        if key not in not_compared and saved["config"].get(key) != value
+    ]  # fmt: skip
+    if changed:
+        raise MedsightError(
+            f"was started with other options ({', '.join(changed)}); resume with the same ones or pass --overwrite",
+            last_path,
+        )
+    return state
 
 
 # -- inference ------------------------------------------------------------------------------------
