@@ -11,7 +11,7 @@ mean per-image Dice and IoU of the foreground at the images' original size. Conf
 ``<variant>@<labeled fraction>[:<minutes>min]``; the suffix overrides ``--minutes`` for that
 configuration and is part of its result key, e.g. ``lvit@1.0:40min``. Variants: ``unet2d``
 (supervised U-Net), ``lvit`` (text, EPI, LV loss), ``lvit-notext`` (the same without text),
-``lvit-noepi``, ``lvit-nolv``, ``lvit-large``.
+``lvit-noepi``, ``lvit-nolv``, ``lvit-nosemi`` (neither: the labeled images alone), ``lvit-large``.
 Results merge into ``<out>/textseg.json`` (``textseg-quick.json`` for --quick), one entry per
 configuration name (``<name>/seed<N>`` for ``--seed N`` other than 0, so repeats accumulate; the seed
 draws the initial weights, the sampling and, below a fraction of 1, which masks are kept), and
@@ -43,6 +43,7 @@ VARIANTS = {
     "lvit-notext": ("lvit", "small", False, True, True, False),
     "lvit-noepi": ("lvit", "small", True, False, True, False),
     "lvit-nolv": ("lvit", "small", True, True, False, False),
+    "lvit-nosemi": ("lvit", "small", True, False, False, False),  # the labeled images alone
     "lvit-grounded": ("lvit", "small", True, True, True, True),
     "lvit-grounded-notext": ("lvit", "small", False, True, True, True),
 }
