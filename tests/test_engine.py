@@ -401,3 +401,78 @@ def test_mirror_trained_model_predicts_with_tta_and_others_refuse(phantom, train
     )
     assert result.returncode == 2 and "class_weights must be 'auto' or 'none', not 'inverse'" in result.stderr
     assert not (tmp_path / "bad4").exists()
+
+
+def test_bad_training_options_leave_no_folder_behind(phantom, tmp_path):
+    """Each refused run ends in one line and exit code 2, before any run folder exists."""
+    (tmp_path / "taken.nii.gz").write_bytes(b"a user's file")
+    cases = [
+        (["--augmentation", "bogus"], "augmentation must be one of none, intensity, spatial, not 'bogus'"),
+        (["--method", "context25d", "--slices", "4"], "slices must be odd"),
+        (["--val-fraction", "1.5"], "val"),
+        (["--data", str(tmp_path / "nowhere")], "nowhere"),
+    ]
+    for i, (options, message) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        result = run_cli("train", "--data", str(phantom), *options, "--epochs", "1", "-o", str(out))
+        assert result.returncode == 2 and message in result.stderr, (options, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not out.exists(), options
+    result = run_cli("train", "--data", str(phantom), "--epochs", "1", "-o", str(tmp_path / "taken.nii.gz"))
+    assert result.returncode == 2 and "taken.nii.gz: is a file; the run needs a folder" in result.stderr
+    assert (tmp_path / "taken.nii.gz").read_bytes() == b"a user's file"
+
+
+def test_resume_refuses_changed_options_and_does_not_rerun_a_finished_run(trained, phantom, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(trained["last"]).parent, run)
+    before = (run / "last.pt").read_bytes()
+
+    def resume(*options, epochs="2"):
+        return run_cli("train", "--data", str(phantom), "--method", "context25d", "--epochs", epochs,
+                       "--iters-per-epoch", "2", "--batch-size", "2", "--max-val-cases", "1", "-o", str(run),
+                       "--resume", *options)  # fmt: skip
+
+    result = resume("--slices", "5", "--lr", "0.01")
+    assert result.returncode == 2, result.stderr
+    assert "was started with other options (--lr, --slices); resume with the same ones" in result.stderr
+    assert (run / "last.pt").read_bytes() == before
+    result = resume("--slices", "3", epochs="4")
+    assert result.returncode == 2 and "(--epochs)" in result.stderr  # more epochs is another schedule
+    # A run stopped early by its patience (here: after epoch 1 of 2) is finished: nothing is trained.
+    state = checkpoint.load(run / "last.pt")
+    state["training"].update(epoch=0, stale=10)
+    checkpoint.save(
+        run / "last.pt", {k: v for k, v in state.items() if k not in ("format", "medsight_version")}
+    )
+    stopped = (run / "last.pt").read_bytes()
+    result = resume("--slices", "3")
+    assert result.returncode == 0 and "nothing to resume" in result.stdout, result.stderr
+    assert (run / "last.pt").read_bytes() == stopped
+
+
+def test_resume_without_a_run_starts_one(phantom, tmp_path):
+    summary = train(
+        TrainConfig(method="unet2d", data=str(phantom), out=str(tmp_path / "new"), resume=True, **TINY)
+    )
+    assert len(checkpoint.load(summary["last"])["training"]["history"]) == 2
+
+
+def test_ctrl_c_says_how_to_continue(phantom, tmp_path):
+    proc = subprocess.Popen(
+        [*MEDSIGHT, "train", "--data", str(phantom), "--method", "unet2d", "--epochs", "500",
+         "--iters-per-epoch", "2", "--batch-size", "2", "-o", str(tmp_path / "run")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 600
+    while not (tmp_path / "run" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == (
+        "medsight: interrupted; a training run continues from its last finished epoch with --resume"
+    )

@@ -31,6 +31,10 @@ def _register_all() -> None:
 _register_all()
 
 
+INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
+RESUME_HINT = "a training run continues from its last finished epoch with --resume"
+
+
 def main() -> None:
     """Entry point: a MedsightError becomes one line on stderr and exit code 2, no traceback."""
     try:
@@ -38,9 +42,13 @@ def main() -> None:
     except MedsightError as err:
         print(f"medsight: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except SystemExit as done:
+        if done.code == INTERRUPTED:  # typer turns Ctrl-C into this exit code, silently
+            print(f"medsight: interrupted; {RESUME_HINT}", file=sys.stderr)
+        raise
     except KeyboardInterrupt:
-        print("medsight: interrupted", file=sys.stderr)
-        sys.exit(130)
+        print(f"medsight: interrupted; {RESUME_HINT}", file=sys.stderr)
+        sys.exit(INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -212,6 +212,28 @@ def weight_average(model, decay: float):
     return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
+def changed_options(saved: dict[str, Any], cfg, ignore: set[str], flags: dict[str, str]) -> list[str]:
+    """The options of ``cfg`` (a config dataclass) that differ from a run's stored config, named as
+    on the command line (``flags`` maps the fields whose flag is not ``--field-name``)."""
+    return [
+        "--" + flags.get(key, key.replace("_", "-"))
+        for key, value in asdict(cfg).items()
+        if key not in ignore and saved.get(key) != value
+    ]
+
+
+def check_resumable(saved: dict[str, Any], cfg, ignore: set[str], flags: dict[str, str], path: Path) -> None:
+    """Refuse to resume with options that shape the run (network, data, schedule, budget, seed)
+    changed: the resumed run would be another experiment with a borrowed history."""
+    changed = changed_options(saved, cfg, ignore | {"out", "resume", "overwrite", "progress"}, flags)
+    if changed:
+        raise MedsightError(
+            f"was started with other options ({', '.join(changed)}); "
+            "resume with the same ones or pass --overwrite",
+            path,
+        )
+
+
 def train(cfg: TrainConfig, return_model: bool = False):
     """Train; return a summary (best Dice, epochs, seconds, validation ids, checkpoint paths), and
     with ``return_model`` also the network as it ended (what each DDP process holds)."""
@@ -219,7 +241,7 @@ def train(cfg: TrainConfig, return_model: bool = False):
     from tqdm import tqdm
 
     from medsight.engine import checkpoint
-    from medsight.engine.augment import Augmenter
+    from medsight.engine.augment import LEVELS, Augmenter
     from medsight.engine.infer import probabilities
     from medsight.engine.sampling import PatchSampler, to_working
     from medsight.losses import WeightedCEDiceLoss
@@ -230,18 +252,30 @@ def train(cfg: TrainConfig, return_model: bool = False):
     kind = MODELS[cfg.method].input_kind
     if any(a not in (0, 1, 2) for a in cfg.mirror_axes) or len(set(cfg.mirror_axes)) != len(cfg.mirror_axes):
         raise MedsightError(f"mirror axes must be distinct spatial axes 0, 1 or 2, not {cfg.mirror_axes}")
-    check_decay(cfg.ema_decay)  # before any file is read or folder made
+    # Options are checked before any file is read or folder made.
+    check_decay(cfg.ema_decay)
     if cfg.class_weights not in ("auto", "none"):
         raise MedsightError(f"class_weights must be 'auto' or 'none', not {cfg.class_weights!r}")
+    if cfg.augmentation not in LEVELS:
+        raise MedsightError(f"augmentation must be one of {', '.join(LEVELS)}, not {cfg.augmentation!r}")
+    if kind == "2.5d" and (cfg.slices < 1 or cfg.slices % 2 == 0):
+        raise MedsightError(f"slices must be odd (the centre slice is the one segmented), not {cfg.slices}")
     rank, world = _distributed()
     out = Path(cfg.out)
     last_path, best_path = out / "last.pt", out / "best.pt"
+    if out.exists() and not out.is_dir():
+        raise MedsightError("is a file; the run needs a folder", out)
+    resuming = cfg.resume and last_path.exists() and not cfg.overwrite
     if rank == 0:
         if last_path.exists() and not (cfg.resume or cfg.overwrite):
             raise MedsightError(
                 "holds a training run already; pass --resume to continue it or --overwrite", out
             )
-        out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume and not last_path.exists():
+            print(f"no run to resume in {out}; starting a new one")
+        if resuming:
+            saved = checkpoint.load(last_path, method=cfg.method)["training"]["config"]
+            check_resumable(saved, cfg, {"data"}, {"time_limit_minutes": "time-limit"}, last_path)
 
     start = time.perf_counter()
     data = prepare_data(cfg, slice_wise=kind != "3d", rank=rank)
@@ -272,7 +306,7 @@ def train(cfg: TrainConfig, return_model: bool = False):
 
     history: list[dict[str, Any]] = []
     best, first_epoch, stale = -1.0, 0, 0
-    if cfg.resume and last_path.exists():
+    if resuming:
         state = checkpoint.load(last_path, method=cfg.method)
         model.load_state_dict(state["training"].get("weights", state["state_dict"]))
         if average is not None:
@@ -283,7 +317,7 @@ def train(cfg: TrainConfig, return_model: bool = False):
         history, best = state["training"]["history"], state["training"]["best"]
         first_epoch, stale = state["training"]["epoch"] + 1, state["training"]["stale"]
         if rank == 0:
-            print(f"resuming {cfg.method} at epoch {first_epoch} (best Dice so far {best:.4f})")
+            print(f"resuming {cfg.method} after epoch {first_epoch} (best Dice so far {best:.4f})")
 
     net = model
     if world > 1:
@@ -314,6 +348,12 @@ def train(cfg: TrainConfig, return_model: bool = False):
         with torch.no_grad():
             return scored(torch.from_numpy(x)).numpy()
 
+    if rank == 0:  # made only now, so a run refused over its data or options leaves no folder behind
+        out.mkdir(parents=True, exist_ok=True)
+    stop_reason = ""
+    if resuming and (stale >= cfg.patience or (budget and time.perf_counter() - start > budget)):
+        first_epoch = cfg.epochs  # the run had already stopped: nothing to continue
+        stop_reason = "it had already stopped"
     for epoch in range(first_epoch, cfg.epochs):
         rng = np.random.default_rng(
             [cfg.seed, rank, epoch]
@@ -390,14 +430,19 @@ def train(cfg: TrainConfig, return_model: bool = False):
                 training_state["average_updates"] = int(average.n_averaged)
             payload = {**payload_base, "state_dict": scored.state_dict(), "training": training_state}
             save_epoch(out, payload, history, mean_dice, improved, cfg.progress)
-            out_of_time = cfg.time_limit_minutes and time.perf_counter() - start > 60 * cfg.time_limit_minutes
-            stop[0] = float(stale >= cfg.patience or bool(out_of_time))
+            if stale >= cfg.patience:
+                stop_reason = f"no better validation Dice for {cfg.patience} epochs"
+            elif budget and time.perf_counter() - start > budget:
+                stop_reason = f"the {cfg.time_limit_minutes:g}-minute budget is used"
+            stop[0] = float(bool(stop_reason))
         if world > 1:
             torch.distributed.broadcast(stop, src=0)
         if stop.item():
             if rank == 0 and cfg.progress:
-                print(f"stopped after epoch {epoch + 1}: patience or time budget reached")
+                print(f"stopped after epoch {epoch + 1}: {stop_reason}")
             break
+    if rank == 0 and first_epoch == cfg.epochs and stop_reason:
+        print(f"nothing to resume in {out}: {stop_reason}")
 
     summary = {
         "method": cfg.method,
@@ -445,4 +490,7 @@ def save_epoch(
     plot_curves(history, out / "training_curve.png", overwrite=True)
     if progress:
         loss = history[-1]["train_loss"]
-        print(f"epoch {len(history)}: loss {loss:.4f}  val Dice {dice:.4f}{'  *best*' if improved else ''}")
+        print(
+            f"epoch {len(history)}: loss {loss:.4f}  val Dice {dice:.4f}{'  *best*' if improved else ''}",
+            flush=True,
+        )
