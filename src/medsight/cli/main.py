@@ -7,6 +7,8 @@ Each group of commands lives in its own module with a ``register(app)`` function
 from __future__ import annotations
 
 import sys
+import warnings
+from pathlib import Path
 
 import typer
 
@@ -35,8 +37,22 @@ INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 RESUME_HINT = "a training run continues from its last finished epoch with --resume"
 
 
+def _one_line_warnings() -> None:
+    """medsight's own warnings read like its errors, one line each, not file:line plus source."""
+    package = str(Path(__file__).resolve().parents[1])
+    default = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None):
+        if issubclass(category, UserWarning) and str(filename).startswith(package):
+            return f"medsight: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
+
+
 def main() -> None:
     """Entry point: a MedsightError becomes one line on stderr and exit code 2, no traceback."""
+    _one_line_warnings()
     try:
         app()
     except MedsightError as err:

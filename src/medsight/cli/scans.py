@@ -13,6 +13,19 @@ def register(app: typer.Typer) -> None:
     app.command("convert")(convert)
 
 
+def _series_option(source: Path, series: str | None) -> dict[str, str]:
+    """``{"series": ...}`` for a DICOM source; other readers would blame the file for the option."""
+    from medsight.errors import MedsightError
+    from medsight.io.registry import format_of
+
+    if not series:
+        return {}
+    kind = format_of(source).name if source.exists() else "dicom"  # a missing source: io.read says so
+    if kind != "dicom":
+        raise MedsightError(f"--series applies to DICOM only; this is a {kind} file", source)
+    return {"series": series}
+
+
 def info(
     scan: Path = typer.Argument(..., help="A scan file or a DICOM folder."),
     series: str = typer.Option(
@@ -23,8 +36,7 @@ def info(
     """Shape, spacing, orientation and intensity range of a scan."""
     from medsight import io
 
-    options = {"series": series} if series else {}
-    facts = io.read(scan, **options).describe()
+    facts = io.read(scan, **_series_option(scan, series)).describe()
     if as_json:
         typer.echo(json.dumps(facts, indent=2))
         return
@@ -51,8 +63,7 @@ def convert(
     from medsight import io
 
     io.check_writable(target, overwrite)  # fail before the (possibly slow) read
-    options = {"series": series} if series else {}
-    scan = io.read(source, **options)
+    scan = io.read(source, **_series_option(source, series))
     io.write(scan, target, overwrite=overwrite)
     typer.echo(
         f"wrote {target}  shape {list(scan.spatial_shape)}  spacing {[round(s, 3) for s in scan.spacing]}"

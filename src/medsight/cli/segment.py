@@ -75,7 +75,11 @@ def train(
 ) -> None:
     """Train a segmentation model; under torchrun it trains on every process (DDP)."""
     if method.startswith("fewshot-"):
+        from medsight.errors import MedsightError
         from medsight.tasks.fewshot import FewShotConfig, train_fewshot
+
+        if out.exists() and not out.is_dir():
+            raise MedsightError("is a file; the run needs a folder", out)
 
         summary = train_fewshot(
             FewShotConfig(
@@ -144,18 +148,21 @@ def predict(
     from tqdm import tqdm
 
     from medsight import io
+    from medsight.cli.outputs import output_paths
     from medsight.engine.infer import Predictor
 
     predictor = Predictor(model, backend="onnx" if onnx else "torch", onnx_path=onnx, tta=tta)
     scans = _expand(inputs)
-    for path in tqdm(scans, desc="segmenting", disable=len(scans) < 2):
-        case = path.name.split(".")[0] if path.is_file() else path.name
-        target = out / f"{case}.nii.gz"
-        io.check_writable(target, overwrite)
+    case_of = lambda path: path.name.split(".")[0] if path.is_file() else path.name  # noqa: E731
+    targets = output_paths(scans, out, lambda path: f"{case_of(path)}.nii.gz", overwrite)
+    if save_probabilities:
+        prob_targets = output_paths(scans, out, lambda path: f"{case_of(path)}_prob.nii.gz", overwrite)
+    for i, (path, target) in enumerate(tqdm(list(zip(scans, targets, strict=True)), desc="segmenting",
+                                            disable=len(scans) < 2)):  # fmt: skip
         labels, probs = predictor.predict(io.read(path), largest_component=largest_component)
         io.write(labels, target, overwrite=overwrite)
         if save_probabilities:
-            io.write(probs, out / f"{case}_prob.nii.gz", overwrite=overwrite)
+            io.write(probs, prob_targets[i], overwrite=overwrite)
         typer.echo(f"{path} -> {target}")
 
 
@@ -196,13 +203,20 @@ def summary(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Parameters and FLOPs (torch.utils.flop_counter) per slice and per volume."""
+    from medsight.errors import MedsightError
     from medsight.models.registry import build_model, get_spec
     from medsight.models.summary import model_summary, slices_first
 
-    shape = tuple(int(v) for v in volume.split(","))
+    try:
+        shape = tuple(int(v) for v in volume.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise MedsightError(f"--volume needs three positive integers like 36,52,36, not {volume!r}")
     kwargs = {"slices": 5} if get_spec(name).input_kind == "2.5d" else {}
     model = build_model(name, in_channels, num_classes, **kwargs)
     facts = model_summary(name, model, slices_first(shape, slice_axis), in_channels)
+    facts["volume_shape"] = list(shape)  # as given; slices-first is only how the FLOPs are counted
     typer.echo(
         json.dumps(facts, indent=2) if as_json else "\n".join(f"{k:>22}: {v}" for k, v in facts.items())
     )

@@ -131,6 +131,7 @@ def predict(
     from tqdm import tqdm
 
     from medsight import io
+    from medsight.cli.outputs import output_paths
     from medsight.errors import MedsightError
     from medsight.tasks.lvit import TextSegPredictor
     from medsight.text import lookup, read_text_file, require_rows, warn_missing_text
@@ -153,9 +154,8 @@ def predict(
     predictor = TextSegPredictor(model, text_cache=text_cache, tta=tta)
     if predictor.uses_text:
         warn_missing_text(sum(1 for s in sentences.values() if not s), len(paths), "the input")
-    targets = {p: out / f"{p.name.rsplit('.', 1)[0]}.png" for p in paths}
-    for target in targets.values():
-        io.check_writable(target, overwrite)
+    names = output_paths(paths, out, lambda p: f"{p.name.rsplit('.', 1)[0]}.png", overwrite)
+    targets = dict(zip(paths, names, strict=True))
     for path in tqdm(paths, desc="segmenting", disable=len(paths) < 2):
         mask = predictor.predict(io.read(path), sentences[path], stored_values=values == "stored")
         io.write(mask, targets[path], overwrite=overwrite)

@@ -548,7 +548,7 @@ def write_phantom_dataset(
         raise MedsightError("exists and is not a folder", out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise MedsightError(
-            "folder is not empty; pass --overwrite (overwrite=True) to write into it", out_dir
+            "folder is not empty; pass --overwrite (or overwrite=True in Python) to write into it", out_dir
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     if layout == "msd":

@@ -10,6 +10,12 @@ from medsight.errors import MedsightError
 
 REQUIRED = ("format", "model", "state_dict", "labels", "preprocessing")
 FORMAT = "medsight-checkpoint-1"
+# The few-shot and text-guided trainers write this format too, with networks the engine's model
+# registry cannot rebuild: what each is, and the command that reads it.
+OTHER_TRAINERS = {
+    "fewshot": ("a few-shot model", "medsight fewshot"),
+    "textseg": ("a text-guided model", "medsight textseg predict"),
+}
 
 
 def save(path: str | Path, payload: dict[str, Any], overwrite: bool = True) -> Path:
@@ -44,6 +50,15 @@ def load(path: str | Path, method: str | None = None) -> dict[str, Any]:
     if method is not None and payload["model"]["name"] != method:
         raise MedsightError(f"checkpoint is for method '{payload['model']['name']}', not '{method}'", path)
     return payload
+
+
+def trainer_of(payload: dict[str, Any]) -> str:
+    """``"engine"`` for `medsight train` checkpoints, else the key of ``OTHER_TRAINERS`` that wrote it."""
+    if payload.get("method") == "textseg":
+        return "textseg"
+    if payload["model"].get("kind") == "fewshot-2d":
+        return "fewshot"
+    return "engine"
 
 
 def load_weights(model, payload: dict[str, Any], path: str | Path) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from medsight.engine.sampling import round_up
+from medsight.errors import MedsightError
 
 
 def export_onnx(ckpt: str | Path, target: str | Path, overwrite: bool = False) -> Path:
@@ -15,6 +17,13 @@ def export_onnx(ckpt: str | Path, target: str | Path, overwrite: bool = False) -
     from medsight.models.registry import build_model
 
     payload = checkpoint.load(ckpt)
+    trainer = checkpoint.trainer_of(payload)
+    if trainer != "engine":
+        raise MedsightError(
+            f"is {checkpoint.OTHER_TRAINERS[trainer][0]} ({payload['model']['name']}); ONNX export "
+            "supports the segmentation-engine checkpoints (unet2d, context25d, unet3d) only",
+            ckpt,
+        )
     info = payload["model"]
     model = build_model(info["name"], **info["kwargs"])
     checkpoint.load_weights(model, payload, ckpt)
@@ -30,7 +39,14 @@ def export_onnx(ckpt: str | Path, target: str | Path, overwrite: bool = False) -
     else:
         example = torch.zeros(1, channels, *patch)
         axes = {0: "batch", 2: "h", 3: "w"}
-    with atomic_path(target, overwrite) as tmp:
+    with atomic_path(target, overwrite) as tmp, warnings.catch_warnings():
+        # The traced shape checks are constant for inference, which pads every input to the same
+        # multiples as the example; the norms compute the same in train and eval mode (instance
+        # statistics, no running ones). Neither is news to the user.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings(
+            "ignore", message="ONNX export mode is set to TrainingMode.EVAL", category=UserWarning
+        )
         torch.onnx.export(
             model,
             (example,),

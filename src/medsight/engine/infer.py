@@ -112,6 +112,14 @@ class Predictor:
     ):
         payload = checkpoint.load(ckpt_path)
         self.path = Path(ckpt_path)
+        trainer = checkpoint.trainer_of(payload)
+        if trainer != "engine":
+            what, command = checkpoint.OTHER_TRAINERS[trainer]
+            raise MedsightError(
+                f"is {what} ({payload['model']['name']}), not a unet2d/context25d/unet3d checkpoint; "
+                f"segment with `{command}` instead",
+                ckpt_path,
+            )
         # Test-time mirroring only along the axes the model was trained to see mirrored: along any
         # other (left/right of a lateralised label set) the mirror image would get the wrong names.
         self.mirror_axes = tuple(payload.get("mirror_axes", ()))
@@ -129,7 +137,15 @@ class Predictor:
         if backend == "onnx":
             import onnxruntime as ort
 
-            session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+            if not Path(onnx_path).is_file():
+                raise MedsightError("no such ONNX file", onnx_path)
+            try:
+                session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime's own: not protobuf, truncated, unsupported graph
+                raise MedsightError(
+                    f"not a readable ONNX model ({type(exc).__name__}); write one with `medsight export`",
+                    onnx_path,
+                ) from exc
             name = session.get_inputs()[0].name
             self.forward: Forward = lambda x: session.run(None, {name: x})[0]  # noqa: E731
         else:

@@ -14,7 +14,9 @@ from medsight.errors import MedsightError
 def check_writable(path: str | Path, overwrite: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not overwrite:
-        raise MedsightError("already exists; pass --overwrite (overwrite=True) to replace it", path)
+        raise MedsightError(
+            "already exists; pass --overwrite (or overwrite=True in Python) to replace it", path
+        )
     return path
 
 

@@ -81,5 +81,11 @@ def write(scan: Scan, path: str | Path, overwrite: bool = False) -> Path:
     if fmt is None or not fmt.writable:
         raise MedsightError("cannot write this format; write .nii.gz, .nrrd, .png/.tif or .npy/.npz", path)
     with atomic_path(path, overwrite) as tmp:
-        fmt.impl().write(scan, tmp)
+        try:
+            fmt.impl().write(scan, tmp)
+        except MedsightError as err:
+            if err.path != tmp:
+                raise
+            # the writer only knows the hidden temporary name; the user gave ``path``
+            raise MedsightError(err.message, path) from err
     return path

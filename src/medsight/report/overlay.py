@@ -20,7 +20,7 @@ import numpy as np
 
 from medsight.scan import Scan
 
-__all__ = ["figure_size_px", "grey_window", "overlay_png"]
+__all__ = ["check_png_name", "figure_size_px", "grey_window", "overlay_png"]
 
 DPI = 100
 PANEL_INCHES = 5.0
@@ -32,6 +32,42 @@ def figure_size_px(ndim: int) -> tuple[int, int]:
     """(width, height) in pixels of the PNG ``overlay_png`` writes for a 2D or 3D scan."""
     panels = 1 if ndim == 2 else 3
     return int(PANEL_INCHES * panels * DPI), int(PANEL_INCHES * DPI)
+
+
+def check_png_name(path: str | Path) -> Path:
+    """Refuse any name but ``*.png``: the picture is always a PNG (lossless, so thin contours stay
+    sharp), and PNG bytes under a .jpg name would mislead every program that opens it."""
+    from medsight.errors import MedsightError
+    from medsight.io import suffix_of
+
+    path = Path(path)
+    if suffix_of(path) != ".png":
+        raise MedsightError("overlays are written as PNG; give the output a .png name", path)
+    return path
+
+
+def _check_slice(image: Scan, slice_index: int | tuple[int, int, int]) -> None:
+    """An index outside the scan would be clipped to its edge: a picture of another slice than asked."""
+    import nibabel as nib
+
+    from medsight.errors import MedsightError
+
+    if image.ndim == 2:
+        raise MedsightError("a 2D image has no slices to choose from", image.path)
+    if isinstance(slice_index, int):
+        axial_axis = int(np.flatnonzero(nib.orientations.io_orientation(image.affine)[:, 0] == 2)[0])
+        n = image.spatial_shape[axial_axis]
+        if not 0 <= slice_index < n:
+            raise MedsightError(
+                f"slice {slice_index} is out of range: the scan has {n} axial slices, 0 to {n - 1}",
+                image.path,
+            )
+        return
+    shape = list(image.spatial_shape)
+    if len(slice_index) != 3 or not all(0 <= i < n for i, n in zip(slice_index, shape, strict=True)):
+        raise MedsightError(
+            f"voxel {list(slice_index)} is outside the scan (shape {shape}, indices from 0)", image.path
+        )
 
 
 def _canonical(scan: Scan) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
@@ -137,7 +173,9 @@ def overlay_png(
 
     from medsight.io import atomic_path
 
-    path = Path(path)
+    path = check_png_name(path)
+    if slice_index is not None:
+        _check_slice(image, slice_index)
     ref_arr = _label_array(label, image, "label")
     pred_arr = _label_array(prediction, image, "prediction")
     width, height = figure_size_px(image.ndim)

@@ -93,6 +93,17 @@ class TextSegConfig:
     ema_decay: float = 0.0
 
 
+# Config fields whose `medsight textseg train` option has another name (for error messages).
+CLI_FLAGS = {
+    "crop_size": "crop",
+    "image_scale": "scale",
+    "with_text": "method",
+    "use_epi": "epi",
+    "use_lv_loss": "lv-loss",
+    "time_limit_minutes": "minutes",
+}
+
+
 # -- the semi-supervised pieces -----------------------------------------------------------------
 def epi_update(previous: np.ndarray | None, current: np.ndarray, beta: float) -> np.ndarray:
     """One EPI round: ``beta * previous + (1 - beta) * current``; the first round takes ``current``."""
@@ -417,6 +428,8 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
     check_decay(cfg.ema_decay)
     out = Path(cfg.out)
     best_path, last_path = out / "best.pt", out / "last.pt"
+    if out.exists() and not out.is_dir():
+        raise MedsightError("is a file; the run needs a folder", out)
     resumed = None
     if last_path.exists() and not cfg.overwrite:
         if not cfg.resume:
@@ -424,6 +437,8 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
                 "holds a training run already; pass --resume to continue it or --overwrite", out
             )
         resumed = _resumable(last_path, cfg)
+    elif cfg.resume and not cfg.overwrite:
+        print(f"no run to resume in {out}; starting a new one")
     start = time.perf_counter()
     dataset = open_dataset(cfg.data, cfg.layout)
     if dataset.dim != 2:
@@ -484,6 +499,15 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
                 f"image has {item.image.shape[0]} channels, others have {pre.in_channels}",
                 dataset.case(item.case_id).images[0],
             )
+    # Smaller images are padded up to the crop, but a crop beyond the largest one is only padding,
+    # and memory grows with its square (a mistyped --crop 4096 asked for tens of GB).
+    largest = max(max(item.image.shape[-2:]) for item in labeled + unlabeled)
+    if cfg.crop_size > max(largest, 16):  # 16: the smallest crop allowed
+        raise MedsightError(
+            f"crop {cfg.crop_size} px is larger than every training image at scale {cfg.image_scale:g} "
+            f"(largest side {largest} px); use --crop {max(largest, 16)} or less",
+            cfg.data,
+        )
 
     # The semi-supervised half needs unlabeled images and at least one of its two terms.
     semi = bool(unlabeled) and (cfg.use_epi or cfg.use_lv_loss)
@@ -538,7 +562,7 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
         )
         pseudo.update(saved["pseudo_labels"])
         if cfg.progress:
-            print(f"resuming {cfg.method} at epoch {first_epoch + 1} (best Dice so far {best:.4f})")
+            print(f"resuming {cfg.method} after epoch {first_epoch} (best Dice so far {best:.4f})")
 
     def progress_of(iteration: int) -> float:
         done = iteration / total_iters
@@ -633,6 +657,8 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
     }
     out.mkdir(parents=True, exist_ok=True)
     for epoch in range(first_epoch, cfg.epochs):
+        if epoch > 0 and budget and time.perf_counter() - start > budget:
+            break  # only a resumed run gets here: a running one stops after the epoch that used the budget
         # Per-epoch random streams, so that a resumed run samples and augments as an unbroken one.
         rng = np.random.default_rng([cfg.seed, epoch])
         aug_labeled.set_random_state(seed=int(rng.integers(2**31)))
@@ -753,6 +779,7 @@ def _resumable(last_path: Path, cfg: TextSegConfig) -> dict[str, Any]:
     same, or the resumed run would be a different experiment with a borrowed history.
     """
     from medsight.engine import checkpoint
+    from medsight.engine.train import check_resumable
 
     state = checkpoint.load(last_path)
     saved = state.get("training", {})
@@ -763,16 +790,7 @@ def _resumable(last_path: Path, cfg: TextSegConfig) -> dict[str, Any]:
             "was written by a medsight version that could not resume text-guided runs; pass --overwrite",
             last_path,
         )
-    not_compared = {"data", "out", "overwrite", "resume", "progress", "text_cache"}
-    changed = [
-        key for key, value in asdict(cfg).items()
-        if key not in not_compared and saved["config"].get(key) != value
-    ]  # fmt: skip
-    if changed:
-        raise MedsightError(
-            f"was started with other options ({', '.join(changed)}); resume with the same ones or pass --overwrite",
-            last_path,
-        )
+    check_resumable(saved["config"], cfg, {"data", "text_cache"}, CLI_FLAGS, last_path)
     return state
 
 
