@@ -113,6 +113,21 @@ def test_predict_with_an_unreadable_onnx_file_names_it(cli, context25d, volume, 
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
+def test_predict_with_an_onnx_model_of_another_network_names_it(cli, context25d, volume, tmp_path):
+    import warnings
+
+    import torch
+
+    other = tmp_path / "other.onnx"  # a readable ONNX model whose input is one 2D picture, not a stack
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.nn.Conv2d(1, 2, 3), (torch.zeros(1, 1, 8, 8),), str(other), dynamo=False)
+    code, _, err = cli("predict", volume, "-m", context25d, "--onnx", other, "-o", tmp_path / "out")
+    line = one_error_line(err)
+    assert code == 2 and f"{other}: does not fit the checkpoint {Path(context25d).name}" in line
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 # -- 2: predict with a checkpoint of another trainer -----------------------------------------------------
 def test_predict_with_a_fewshot_checkpoint_points_to_the_fewshot_command(cli, fewshot, volume, tmp_path):
     code, _, err = cli("predict", volume, "-m", fewshot, "-o", tmp_path / "out")

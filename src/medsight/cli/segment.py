@@ -87,7 +87,10 @@ def train(
                 time_limit_minutes=time_limit, max_steps=epochs * iters_per_epoch, overwrite=overwrite,
             )
         )  # fmt: skip
-        typer.echo(f"self-supervised {method}: {summary['steps']} episodes  ->  {summary['checkpoint']}")
+        typer.echo(
+            f"self-supervised {method}: {summary['steps']} steps, {summary['episodes']} episodes  ->  "
+            f"{summary['checkpoint']}"
+        )
         return
     from medsight.engine.train import TrainConfig
     from medsight.engine.train import train as run

@@ -147,7 +147,18 @@ class Predictor:
                     onnx_path,
                 ) from exc
             name = session.get_inputs()[0].name
-            self.forward: Forward = lambda x: session.run(None, {name: x})[0]  # noqa: E731
+
+            def run_onnx(x: np.ndarray) -> np.ndarray:
+                try:
+                    return session.run(None, {name: x})[0]
+                except Exception as exc:  # a model exported from another checkpoint: other inputs
+                    raise MedsightError(
+                        f"does not fit the checkpoint {self.path.name} ({type(exc).__name__}); export "
+                        "it from that checkpoint with `medsight export`",
+                        onnx_path,
+                    ) from exc
+
+            self.forward: Forward = run_onnx
         else:
             import torch
 
