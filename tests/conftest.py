@@ -15,3 +15,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not available")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors run faster on one thread than on two contended ones."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -13,13 +13,7 @@ import torch
 
 from medsight import Scan, io
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture
@@ -115,8 +109,6 @@ def test_predict_with_an_unreadable_onnx_file_names_it(cli, context25d, volume, 
 
 def test_predict_with_an_onnx_model_of_another_network_names_it(cli, context25d, volume, tmp_path):
     import warnings
-
-    import torch
 
     other = tmp_path / "other.onnx"  # a readable ONNX model whose input is one 2D picture, not a stack
     with warnings.catch_warnings():
