@@ -212,20 +212,17 @@ def weight_average(model, decay: float):
     return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
-def changed_options(saved: dict[str, Any], cfg, ignore: set[str], flags: dict[str, str]) -> list[str]:
-    """The options of ``cfg`` (a config dataclass) that differ from a run's stored config, named as
-    on the command line (``flags`` maps the fields whose flag is not ``--field-name``)."""
-    return [
+def check_resumable(saved: dict[str, Any], cfg, ignore: set[str], flags: dict[str, str], path: Path) -> None:
+    """Refuse to resume with options that shape the run (network, data, schedule, budget, seed)
+    changed: the resumed run would be another experiment with a borrowed history. ``saved`` is the
+    run's stored config, ``cfg`` the new one (a dataclass); the options are named as on the command
+    line (``flags`` maps the fields whose flag is not ``--field-name``)."""
+    ignore = ignore | {"out", "resume", "overwrite", "progress"}
+    changed = [
         "--" + flags.get(key, key.replace("_", "-"))
         for key, value in asdict(cfg).items()
         if key not in ignore and saved.get(key) != value
     ]
-
-
-def check_resumable(saved: dict[str, Any], cfg, ignore: set[str], flags: dict[str, str], path: Path) -> None:
-    """Refuse to resume with options that shape the run (network, data, schedule, budget, seed)
-    changed: the resumed run would be another experiment with a borrowed history."""
-    changed = changed_options(saved, cfg, ignore | {"out", "resume", "overwrite", "progress"}, flags)
     if changed:
         raise MedsightError(
             f"was started with other options ({', '.join(changed)}); "
