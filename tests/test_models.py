@@ -305,6 +305,15 @@ def test_flops_per_volume_counts_one_forward_per_slice_for_2d():
     assert flops_per_volume("unet2d", model, (7, 16, 12)) == 7 * flops(model, (1, 1, 16, 12))
 
 
+def test_summary_gives_one_forward_per_slice_and_the_volume_total():
+    from medsight.models.summary import model_summary
+
+    model = build_model("context25d", 1, 3)
+    facts = model_summary("context25d", model, (36, 52, 40))  # 36 slices of 52 x 40
+    assert facts["gflops_per_slice"] == flops(model, (1, 1, 5, 52, 40)) / 1e9
+    assert facts["gflops_per_volume"] == pytest.approx(36 * facts["gflops_per_slice"])
+
+
 def test_context25d_is_at_least_three_times_cheaper_than_unet3d_per_volume():
     volume = (36, 52, 36)  # a hippocampus crop, slices along the first axis
     context = build_model("context25d", 1, 3)

@@ -82,11 +82,13 @@ def model_summary(
     in_channels: int = 1,
     slices: int | None = None,
 ) -> dict[str, Any]:
-    """Parameters and GFLOPs per volume, as plain data for a report or a benchmark file."""
+    """Parameters and GFLOPs per slice and per volume, as plain data for a report or a benchmark
+    file. Per slice is one forward of a 2D or 2.5D network; for a 3D network, its volume's share."""
     total = flops_per_volume(name, model, volume_shape, in_channels, slices)
     return {
         "model": name,
         "parameters": count_parameters(model),
         "volume_shape": [int(s) for s in volume_shape],
+        "gflops_per_slice": total / int(volume_shape[0]) / 1e9,
         "gflops_per_volume": total / 1e9,
     }
