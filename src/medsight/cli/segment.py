@@ -75,11 +75,7 @@ def train(
 ) -> None:
     """Train a segmentation model; under torchrun it trains on every process (DDP)."""
     if method.startswith("fewshot-"):
-        from medsight.errors import MedsightError
         from medsight.tasks.fewshot import FewShotConfig, train_fewshot
-
-        if out.exists() and not out.is_dir():
-            raise MedsightError("is a file; the run needs a folder", out)
 
         summary = train_fewshot(
             FewShotConfig(
@@ -156,16 +152,22 @@ def predict(
 
     predictor = Predictor(model, backend="onnx" if onnx else "torch", onnx_path=onnx, tta=tta)
     scans = _expand(inputs)
-    case_of = lambda path: path.name.split(".")[0] if path.is_file() else path.name  # noqa: E731
-    targets = output_paths(scans, out, lambda path: f"{case_of(path)}.nii.gz", overwrite)
-    if save_probabilities:
-        prob_targets = output_paths(scans, out, lambda path: f"{case_of(path)}_prob.nii.gz", overwrite)
-    for i, (path, target) in enumerate(tqdm(list(zip(scans, targets, strict=True)), desc="segmenting",
-                                            disable=len(scans) < 2)):  # fmt: skip
+
+    def case(path: Path) -> str:
+        return path.name.split(".")[0] if path.is_file() else path.name
+
+    targets = output_paths(scans, out, lambda p: f"{case(p)}.nii.gz", overwrite)
+    prob_targets = (
+        output_paths(scans, out, lambda p: f"{case(p)}_prob.nii.gz", overwrite)
+        if save_probabilities
+        else [None] * len(scans)
+    )
+    jobs = list(zip(scans, targets, prob_targets, strict=True))
+    for path, target, prob_target in tqdm(jobs, desc="segmenting", disable=len(scans) < 2):
         labels, probs = predictor.predict(io.read(path), largest_component=largest_component)
         io.write(labels, target, overwrite=overwrite)
-        if save_probabilities:
-            io.write(probs, prob_targets[i], overwrite=overwrite)
+        if prob_target is not None:
+            io.write(probs, prob_target, overwrite=overwrite)
         typer.echo(f"{path} -> {target}")
 
 

@@ -241,6 +241,7 @@ def train(cfg: TrainConfig, return_model: bool = False):
     from medsight.engine.augment import LEVELS, Augmenter
     from medsight.engine.infer import probabilities
     from medsight.engine.sampling import PatchSampler, to_working
+    from medsight.io import check_run_folder
     from medsight.losses import WeightedCEDiceLoss
     from medsight.models.registry import MODELS, build_model
 
@@ -258,10 +259,8 @@ def train(cfg: TrainConfig, return_model: bool = False):
     if kind == "2.5d" and (cfg.slices < 1 or cfg.slices % 2 == 0):
         raise MedsightError(f"slices must be odd (the centre slice is the one segmented), not {cfg.slices}")
     rank, world = _distributed()
-    out = Path(cfg.out)
+    out = check_run_folder(cfg.out)
     last_path, best_path = out / "last.pt", out / "best.pt"
-    if out.exists() and not out.is_dir():
-        raise MedsightError("is a file; the run needs a folder", out)
     resuming = cfg.resume and last_path.exists() and not cfg.overwrite
     if rank == 0:
         if last_path.exists() and not (cfg.resume or cfg.overwrite):

@@ -5,7 +5,16 @@
 file raises :class:`MedsightError` naming it.
 """
 
-from medsight.io.atomic import atomic_path, check_writable, write_text
+from medsight.io.atomic import atomic_path, check_run_folder, check_writable, write_text
 from medsight.io.registry import FORMATS, read, suffix_of, write
 
-__all__ = ["FORMATS", "atomic_path", "check_writable", "read", "suffix_of", "write", "write_text"]
+__all__ = [
+    "FORMATS",
+    "atomic_path",
+    "check_run_folder",
+    "check_writable",
+    "read",
+    "suffix_of",
+    "write",
+    "write_text",
+]

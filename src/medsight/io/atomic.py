@@ -20,6 +20,14 @@ def check_writable(path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
+def check_run_folder(path: str | Path) -> Path:
+    """A training run writes a folder; refuse a path that is an existing file before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MedsightError("is a file; the run needs a folder", path)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success rename it onto ``path``.

@@ -300,14 +300,14 @@ def train_fewshot(cfg: FewShotConfig, data: TrainingSlices | None = None) -> dic
 
     from medsight.engine import checkpoint
     from medsight.engine.train import adamw
-    from medsight.io import write_text
+    from medsight.io import check_run_folder, write_text
     from medsight.models.fewshot import HEADS
     from medsight.transforms import EpisodeSampler
 
     if cfg.method not in METHODS:
         raise MedsightError(f"unknown few-shot method '{cfg.method}'; choose one of {', '.join(METHODS)}")
     heads = HEADS if METHODS[cfg.method] == "all" else (METHODS[cfg.method],)
-    out = Path(cfg.out)
+    out = check_run_folder(cfg.out)
     ckpt_path = out / "model.pt"
     if ckpt_path.exists() and not cfg.overwrite:
         raise MedsightError("holds a trained model already; pass --overwrite to replace it", out)

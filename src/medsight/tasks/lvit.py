@@ -416,6 +416,7 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
     from medsight.datasets import open_dataset, split_dataset
     from medsight.engine.preprocess import Preprocessing
     from medsight.engine.train import adamw, check_decay, save_epoch, weight_average
+    from medsight.io import check_run_folder
     from medsight.losses import WeightedCEDiceLoss
     from medsight.text import TEXT_MODEL, TextEmbedding, TextEncoder, warn_missing_text
 
@@ -426,10 +427,8 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
             f"crop_size must be >= 16 and image_scale > 0, got {cfg.crop_size}, {cfg.image_scale}"
         )
     check_decay(cfg.ema_decay)
-    out = Path(cfg.out)
+    out = check_run_folder(cfg.out)
     best_path, last_path = out / "best.pt", out / "last.pt"
-    if out.exists() and not out.is_dir():
-        raise MedsightError("is a file; the run needs a folder", out)
     resumed = None
     if last_path.exists() and not cfg.overwrite:
         if not cfg.resume:
@@ -454,11 +453,8 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
         raise MedsightError("no training image has a mask", cfg.data)
     labeled_ids = choose_labeled(has_mask, cfg.labeled_fraction, cfg.seed)
     unlabeled_ids = [i for i in train_ids if i not in set(labeled_ids)]
-    if resumed is not None and [resumed["data"][k] for k in ("train_ids", "val_ids", "labeled_ids")] != [
-        train_ids,
-        val_ids,
-        labeled_ids,
-    ]:
+    saved_ids = [resumed["data"][k] for k in ("train_ids", "val_ids", "labeled_ids")] if resumed else None
+    if saved_ids is not None and saved_ids != [train_ids, val_ids, labeled_ids]:
         raise MedsightError(
             "holds a run on other images; resume it on the same data or pass --overwrite", out
         )
@@ -536,7 +532,6 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
     sup_loss = WeightedCEDiceLoss(n_classes)
     crop = cfg.crop_size
     roi = 2 * crop
-    rng = np.random.default_rng(cfg.seed)  # replaced by each epoch's own stream
     grounded = is_grounded(model)
     spatial_extra = ["positions"] if grounded else []
     aug_labeled = _augmenter(crop, ["image", "label", *spatial_extra])
@@ -658,7 +653,7 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     for epoch in range(first_epoch, cfg.epochs):
         if epoch > 0 and budget and time.perf_counter() - start > budget:
-            break  # only a resumed run gets here: a running one stops after the epoch that used the budget
+            break  # after the epoch that used the budget (a resumed run that had used it trains nothing)
         # Per-epoch random streams, so that a resumed run samples and augments as an unbroken one.
         rng = np.random.default_rng([cfg.seed, epoch])
         aug_labeled.set_random_state(seed=int(rng.integers(2**31)))
@@ -743,8 +738,6 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
             training["average_updates"] = int(average.n_averaged)
         payload = {**payload_base, "state_dict": scored.state_dict(), "training": training}
         save_epoch(out, payload, history, dice, improved, cfg.progress, {"pseudo_labels": pseudo})
-        if budget and time.perf_counter() - start > budget:
-            break
 
     summary = {
         "method": cfg.method,
