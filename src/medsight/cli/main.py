@@ -6,11 +6,17 @@ Each group of commands lives in its own module with a ``register(app)`` function
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
 
-import typer
+# Help that is piped or captured (`medsight train --help | less`) would get rich's fixed 80 columns,
+# which cut long option names; 120 fits them. A terminal keeps its own width.
+if not sys.stdout.isatty():
+    os.environ.setdefault("TERMINAL_WIDTH", "120")
+
+import typer  # noqa: E402  (reads TERMINAL_WIDTH)
 
 from medsight.errors import MedsightError
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -218,10 +218,14 @@ def check_resumable(saved: dict[str, Any], cfg, ignore: set[str], flags: dict[st
     run's stored config, ``cfg`` the new one (a dataclass); the options are named as on the command
     line (``flags`` maps the fields whose flag is not ``--field-name``)."""
     ignore = ignore | {"out", "resume", "overwrite", "progress"}
+    # An option newer than the run is missing from its stored config: the run had its default.
+    defaults = {
+        f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(cfg)
+    }
     changed = [
         "--" + flags.get(key, key.replace("_", "-"))
         for key, value in asdict(cfg).items()
-        if key not in ignore and saved.get(key) != value
+        if key not in ignore and saved.get(key, defaults[key]) != value
     ]
     if changed:
         raise MedsightError(

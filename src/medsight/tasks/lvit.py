@@ -249,7 +249,7 @@ def _label_lookup(values: list[int]) -> np.ndarray:
     return lut
 
 
-def _load_items(dataset, ids, pre, scale, lut, values, texts, with_labels, progress, what):
+def _load_items(dataset, ids, pre, scale, lut, values, with_labels, progress, what):
     from tqdm import tqdm
 
     items = []
@@ -275,7 +275,7 @@ def _load_items(dataset, ids, pre, scale, lut, values, texts, with_labels, progr
                     f"mask values {np.unique(raw).tolist()} outside the classes {values}", case.label
                 )
             y = resize(lut[raw][None], shape, label=True)[0]
-        items.append(Item(cid, array.astype(np.float32), y, texts[cid]))
+        items.append(Item(cid, array.astype(np.float32), y, None))  # text joins once the run is accepted
     return items
 
 
@@ -459,19 +459,6 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
             "holds a run on other images; resume it on the same data or pass --overwrite", out
         )
 
-    # Text: every image's sentence, embedded once (cached on disk).
-    all_ids = train_ids + val_ids
-    sentences = {cid: dataset.case(cid).text for cid in all_ids}
-    missing = [cid for cid, t in sentences.items() if not (t or "").strip()]
-    warn_missing_text(len(missing), len(all_ids), str(cfg.data))
-    needs_text = (cfg.method in TEXT_METHODS and cfg.with_text) or (cfg.use_lv_loss and unlabeled_ids)
-    cache = Path(cfg.text_cache) if cfg.text_cache else out / "text_cache"
-    if needs_text and len(missing) < len(all_ids):
-        encoder = TextEncoder(cfg.max_tokens, cache)
-        texts = dict(zip(all_ids, encoder.embed([sentences[c] for c in all_ids]), strict=True))
-    else:
-        texts = {cid: TextEmbedding.empty(cfg.max_tokens) for cid in all_ids}
-
     values = sorted(dataset.labels) if dataset.labels else None
     if values is None:
         found = {0}
@@ -484,7 +471,7 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
     first = dataset.read_image(dataset.case(labeled_ids[0]))
     pre = Preprocessing(target_spacing=None, in_channels=first.channels)
     load = lambda ids, what, lab: _load_items(  # noqa: E731
-        dataset, ids, pre, cfg.image_scale, lut, values, texts, lab, cfg.progress, what
+        dataset, ids, pre, cfg.image_scale, lut, values, lab, cfg.progress, what
     )
     labeled = load(labeled_ids, "labeled images", True)
     unlabeled = load(unlabeled_ids, "unlabeled images", False)
@@ -504,6 +491,23 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
             f"(largest side {largest} px); use --crop {max(largest, 16)} or less",
             cfg.data,
         )
+
+    # Text: every image's sentence, embedded once (cached on disk), only now that images and options
+    # are accepted, so a refused run leaves no cache folder behind.
+    all_ids = train_ids + val_ids
+    sentences = {cid: dataset.case(cid).text for cid in all_ids}
+    missing = [cid for cid, t in sentences.items() if not (t or "").strip()]
+    warn_missing_text(len(missing), len(all_ids), str(cfg.data))
+    needs_text = (cfg.method in TEXT_METHODS and cfg.with_text) or (cfg.use_lv_loss and unlabeled_ids)
+    cache = Path(cfg.text_cache) if cfg.text_cache else out / "text_cache"
+    if needs_text and len(missing) < len(all_ids):
+        encoder = TextEncoder(cfg.max_tokens, cache)
+        texts = dict(zip(all_ids, encoder.embed([sentences[c] for c in all_ids]), strict=True))
+    else:
+        texts = {cid: TextEmbedding.empty(cfg.max_tokens) for cid in all_ids}
+
+    for item in labeled + unlabeled + val:
+        item.text = texts[item.case_id]
 
     # The semi-supervised half needs unlabeled images and at least one of its two terms.
     semi = bool(unlabeled) and (cfg.use_epi or cfg.use_lv_loss)
