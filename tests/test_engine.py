@@ -476,14 +476,16 @@ def test_resume_without_a_run_starts_one(phantom, tmp_path):
 
 
 def test_ctrl_c_says_how_to_continue(phantom, tmp_path):
+    # --patience: a phantom run whose Dice stalls must not end on its own before the signal.
     proc = subprocess.Popen(
         [*MEDSIGHT, "train", "--data", str(phantom), "--method", "unet2d", "--epochs", "500",
-         "--iters-per-epoch", "2", "--batch-size", "2", "-o", str(tmp_path / "run")],
+         "--patience", "500", "--iters-per-epoch", "2", "--batch-size", "2", "-o", str(tmp_path / "run")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.time() + 600
     while not (tmp_path / "run" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 130
