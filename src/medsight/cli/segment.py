@@ -65,9 +65,8 @@ def train(
         "along them; `predict --tta` averages over them. Off by default.",
     ),
     ema_decay: float = typer.Option(
-        0.0,
-        help="Validate and keep a moving average of the weights with this decay, e.g. 0.999 "
-        "(0: the weights as trained).",
+        0.999,
+        help="Validate and keep a moving average of the weights with this decay (0: the weights as trained).",
     ),
     layout: str = typer.Option(None, help="Force a dataset layout instead of detecting it."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),

@@ -44,16 +44,20 @@ class TrainConfig:
     # only the user knows whether a label set is lateralised.
     mirror_axes: list[int] = field(default_factory=list)
     # > 0: an exponential moving average of the weights (Polyak averaging), updated after every
-    # step, is what validation scores and the checkpoints hold. Off by default: on the hippocampus
-    # benchmark it changed Dice by less than the spread over seeds, and in short runs it lags behind
-    # classes learned late (README, segmentation findings).
-    ema_decay: float = 0.0
+    # step, is what validation scores and the checkpoints hold; 0 keeps the weights as trained. On
+    # by default: on the hippocampus benchmark it raised context25d's median Dice by 0.4 points and
+    # narrowed its spread over seeds, and left unet2d and unet3d where they were (README).
+    ema_decay: float = 0.999
     max_val_cases: int | None = None
     time_limit_minutes: float | None = None  # a wall-clock budget: stop after the epoch that passes it
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+
+
+# What runs saved before an option existed did, where that is not the option's default today.
+RAN_WITHOUT_OPTION = {"ema_decay": 0.0}
 
 
 def _distributed() -> tuple[int, int]:
@@ -212,16 +216,25 @@ def weight_average(model, decay: float):
     return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
-def check_resumable(saved: dict[str, Any], cfg, ignore: set[str], flags: dict[str, str], path: Path) -> None:
+def check_resumable(
+    saved: dict[str, Any],
+    cfg,
+    ignore: set[str],
+    flags: dict[str, str],
+    path: Path,
+    ran_without: dict[str, Any] | None = None,
+) -> None:
     """Refuse to resume with options that shape the run (network, data, schedule, budget, seed)
     changed: the resumed run would be another experiment with a borrowed history. ``saved`` is the
     run's stored config, ``cfg`` the new one (a dataclass); the options are named as on the command
-    line (``flags`` maps the fields whose flag is not ``--field-name``)."""
+    line (``flags`` maps the fields whose flag is not ``--field-name``). An option newer than the
+    run is missing from its stored config: the run had the option's default, or the value in
+    ``ran_without`` where the default has changed since."""
     ignore = ignore | {"out", "resume", "overwrite", "progress"}
-    # An option newer than the run is missing from its stored config: the run had its default.
     defaults = {
         f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(cfg)
     }
+    defaults |= ran_without or {}
     changed = [
         "--" + flags.get(key, key.replace("_", "-"))
         for key, value in asdict(cfg).items()
@@ -275,7 +288,8 @@ def train(cfg: TrainConfig, return_model: bool = False):
             print(f"no run to resume in {out}; starting a new one")
         if resuming:
             saved = checkpoint.load(last_path, method=cfg.method)["training"]["config"]
-            check_resumable(saved, cfg, {"data"}, {"time_limit_minutes": "time-limit"}, last_path)
+            flags = {"time_limit_minutes": "time-limit"}
+            check_resumable(saved, cfg, {"data"}, flags, last_path, RAN_WITHOUT_OPTION)
 
     start = time.perf_counter()
     data = prepare_data(cfg, slice_wise=kind != "3d", rank=rank)
