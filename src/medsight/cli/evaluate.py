@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from medsight.cli.startup import import_monai
+
 
 class Kind(enum.StrEnum):
     seg = "seg"
@@ -63,6 +65,7 @@ def evaluate(
     from medsight.evaluate import evaluate_folders
     from medsight.io import check_writable
 
+    import_monai()
     out = out if out is not None else default_out_dir(pred)
     names = ["metrics.csv", "summary.json", "summary.md"] + (["report.html"] if report else [])
     for name in names:  # fail before the (possibly long) evaluation

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import typer
 
+from medsight.cli.startup import import_monai
+
 SUPPORT_FLAG = "--support"
 
 
@@ -102,6 +104,7 @@ def fewshot(
 
     from medsight.errors import MedsightError
 
+    import_monai()
     tokens = list(arguments or []) + list(ctx.args)
     pairs, queries = split_support(tokens)
     if not pairs:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from medsight.cli.startup import import_monai
+
 model_app = typer.Typer(help="Inspect the networks: parameters and FLOPs.", no_args_is_help=True)
 
 
@@ -73,6 +75,7 @@ def train(
     overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
 ) -> None:
     """Train a segmentation model; under torchrun it trains on every process (DDP)."""
+    import_monai()
     if method.startswith("fewshot-"):
         from medsight.tasks.fewshot import FewShotConfig, train_fewshot
 
@@ -145,6 +148,7 @@ def predict(
     """Segment scans; each mask is written with its input's affine and the training label values."""
     from tqdm import tqdm
 
+    import_monai()
     from medsight import io
     from medsight.cli.outputs import output_paths
     from medsight.engine.infer import Predictor
@@ -191,6 +195,7 @@ def export(
     overwrite: bool = typer.Option(False),
 ) -> None:
     """Export a checkpoint's network to ONNX (dynamic batch and in-plane size)."""
+    import_monai()
     from medsight.engine.export import export_onnx
 
     export_onnx(model, onnx, overwrite=overwrite)
@@ -207,6 +212,7 @@ def summary(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Parameters and FLOPs (torch.utils.flop_counter) per slice and per volume."""
+    import_monai()
     from medsight.errors import MedsightError
     from medsight.models.registry import build_model, get_spec
     from medsight.models.summary import model_summary, slices_first
@@ -233,6 +239,7 @@ def demo(
     overwrite: bool = typer.Option(False, help="Replace a previous demo output."),
 ) -> None:
     """Phantom data -> inspect -> train context25d -> segment -> evaluate -> HTML report."""
+    import_monai()
     from medsight.demo import run_demo
 
     run_demo(out, overwrite=overwrite)
