@@ -129,8 +129,9 @@ def run_config(name: str, data: Path, test_folder: Path, runs: Path, args) -> di
     variant, fraction, minutes = parse_config(name)
     minutes = args.minutes if minutes is None or args.quick else minutes
     method, size, with_text, use_epi, use_lv, grounded = VARIANTS[variant]
+    # one run folder per result key: repeats with other seeds may run at the same time
     cfg = TextSegConfig(
-        data=str(data), out=str(runs / name.replace("@", "_").replace(":", "_")), method=method, size=size, with_text=with_text,
+        data=str(data), out=str(runs / re.sub(r"[@:/]", "_", result_key(name, args.seed))), method=method, size=size, with_text=with_text,
         grounded=grounded,
         labeled_fraction=fraction, use_epi=use_epi, use_lv_loss=use_lv, crop_size=args.crop,
         image_scale=args.scale, batch_size=args.batch_size, epochs=args.epochs, iters_per_epoch=args.iters,
