@@ -168,17 +168,23 @@ def budget(entry: dict) -> str:
     return "-" if minutes is None else f"{minutes:g}"
 
 
+def average(entry: dict) -> str:
+    # runs from before the option trained without a weight average
+    return f"{entry.get('settings', {}).get('ema_decay', 0.0):g}"
+
+
 def percent(entry: dict, key: str) -> str:
     return f"{100 * entry[key]:.2f}" if key in entry else "-"
 
 
 def table(results: dict) -> str:
     """The runs, then each repeated configuration's median. "TTA": the same checkpoint evaluated
-    with test-time rotations and mirror images ("-": run before the benchmark measured it)."""
+    with test-time rotations and mirror images ("-": run before the benchmark measured it); "weight
+    average": the decay of the weights' moving average (0: none)."""
     lines = [
         "| configuration | Dice % | IoU % | Dice % TTA | IoU % TTA | budget min | train s | epochs "
-        "| labeled images | evaluated on |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| weight average | labeled images | evaluated on |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     order = {n: i for i, n in enumerate(ALL_CONFIGS)}
     config_of = {name: name.split("/")[0] for name in results}  # the inverse of result_key
@@ -189,7 +195,7 @@ def table(results: dict) -> str:
         lines.append(
             f"| {name} | {percent(r, 'dice')} | {percent(r, 'iou')} | {percent(r, 'dice_tta')} | "
             f"{percent(r, 'iou_tta')} | {budget(r)} | {r['train_seconds']:.0f} | "
-            f"{r.get('epochs_run', '')} | {len(r['labeled_ids'])} | {Path(r['evaluated_folder']).name} |"
+            f"{r.get('epochs_run', '')} | {average(r)} | {len(r['labeled_ids'])} | {Path(r['evaluated_folder']).name} |"
         )
     repeated = {config: runs for config, runs in by_config.items() if len(runs) > 1}
     if repeated:

@@ -357,6 +357,21 @@ def test_interrupted_run_resumes_as_an_unbroken_one(phantom, tmp_path, monkeypat
     assert "pseudo_labels" not in checkpoint.load(tmp_path / "b" / "best.pt")["training"]
 
 
+def test_a_run_older_than_the_weight_average_resumes_only_without_it(phantom, tmp_path):
+    """Runs saved before ``ema_decay`` existed trained without an average; the default is now 0.999."""
+    from medsight.engine import checkpoint
+
+    options = dict(data=str(phantom), out=str(tmp_path / "run"), text_cache=str(tmp_path / "cache"), **TINY)
+    train_textseg(TextSegConfig(ema_decay=0.0, **options))
+    last = tmp_path / "run" / "last.pt"
+    state = checkpoint.load(last)
+    del state["training"]["config"]["ema_decay"]  # as a run from before the option saved it
+    checkpoint.save(last, state)
+    with pytest.raises(MedsightError, match=r"other options \(--ema-decay\)"):
+        train_textseg(TextSegConfig(resume=True, **options))
+    train_textseg(TextSegConfig(resume=True, ema_decay=0.0, **options))  # accepted
+
+
 def test_resuming_a_run_that_used_its_budget_trains_nothing(phantom, tmp_path, capsys):
     options = dict(data=str(phantom), out=str(tmp_path / "run"), time_limit_minutes=1e-4,
                    text_cache=str(tmp_path / "cache"), **TINY)  # fmt: skip
@@ -435,30 +450,44 @@ def test_mask_of_another_size_is_refused(phantom, tmp_path):
     assert "phantom_001.png" in str(info.value)
 
 
-def test_semi_supervised_run_on_the_phantom(tmp_path):
-    """EPI + LV loss against supervised-only on the same two labeled images, seed and steps.
+def test_unlabeled_images_improve_on_the_labeled_ones_alone(tmp_path):
+    """EPI + LV loss against supervised-only: same two labeled tiles, seed and steps.
 
-    In runs this short (32 steps) the unlabeled terms were not seen to *improve* Dice (supervised
-    0.844 vs 0.820 with EPI + LV), so this checks what can be defended: both runs share the
-    labeled warm-up step for step, the semi-supervised half then trains on the unlabeled images
-    (pseudo-label rounds, both losses logged) without derailing the model."""
-    from medsight.datasets.phantom import write_phantom_dataset
+    The two labeled tiles are clean; the eight unlabeled training tiles and the validation tiles
+    carry ten times the stain noise (optical-density sigma 0.4 instead of 0.04). Labeled images that
+    do not look like the images to segment are where unlabeled ones should pay: over phantom seeds
+    0-3 the semi-supervised run scored 2.5 to 5.6 Dice points above supervised-only (0.768 against
+    0.743 at seed 0). Where every tile looks alike, one labeled tile already teaches the phantom
+    (Dice 0.90-0.95) and the unlabeled terms did not improve these short runs."""
+    from medsight.datasets.phantom import make_phantom_2d, write_phantom_dataset
 
-    data = write_phantom_dataset(tmp_path / "data", 12, dim=2, seed=0)
-    common = dict(data=str(data), labeled_fraction=0.25, epochs=8, iters_per_epoch=4, crop_size=64, batch_size=4,
+    data = write_phantom_dataset(tmp_path / "data", 12, dim=2, seed=0)  # case i drawn with seed i
+    train_ids = sorted(path.stem for path in (data / "Train_Folder" / "img").glob("*.png"))
+    labeled = choose_labeled(train_ids, 0.2, seed=0)
+    assert len(train_ids) == 10 and len(labeled) == 2
+    for path in (data / "Train_Folder" / "img").glob("*.png"):
+        if path.stem not in labeled:
+            noisy, _, _ = make_phantom_2d(int(path.stem.split("_")[1]), noise=0.4)
+            io.write(noisy, path, overwrite=True)
+    for path in (data / "Val_Folder" / "img").glob("*.png"):
+        noisy, label, _ = make_phantom_2d(int(path.stem.split("_")[1]), noise=0.4)
+        io.write(noisy, path, overwrite=True)
+        mask = io.read(data / "Val_Folder" / "labelcol" / path.name).array[0] > 0
+        np.testing.assert_array_equal(mask, label.array[0] > 0)  # the noise leaves the nuclei where they were
+    common = dict(data=str(data), labeled_fraction=0.2, epochs=16, iters_per_epoch=4, crop_size=64, batch_size=4,
                   progress=False, pseudo_every=1, text_cache=str(tmp_path / "cache"))  # fmt: skip
     supervised = train_textseg(
         TextSegConfig(out=str(tmp_path / "sup"), use_epi=False, use_lv_loss=False, **common)
     )
     semi = train_textseg(TextSegConfig(out=str(tmp_path / "semi"), **common))
-    assert semi["labeled_ids"] == supervised["labeled_ids"] and len(semi["labeled_ids"]) == 2
+    assert semi["labeled_ids"] == supervised["labeled_ids"] == labeled
     assert not supervised["use_epi"] and semi["use_epi"] and semi["use_lv_loss"]
-    assert semi["pseudo_label_rounds"] == 4  # second half of 8 epochs, one round per epoch
+    assert semi["pseudo_label_rounds"] == 8  # second half of 16 epochs, one round per epoch
     sup_log = pd.read_csv(tmp_path / "sup" / "metrics.csv")
     semi_log = pd.read_csv(tmp_path / "semi" / "metrics.csv")
-    np.testing.assert_allclose(semi_log.val_dice[:4], sup_log.val_dice[:4], atol=1e-6)  # same warm-up
-    assert semi_log.epi_loss[4:].notna().all() and semi_log.lv_loss[4:].notna().all()
-    assert semi["best_val_dice"] > 0.7 and semi["best_val_dice"] >= supervised["best_val_dice"] - 0.05
+    np.testing.assert_allclose(semi_log.val_dice[:8], sup_log.val_dice[:8], atol=1e-6)  # same warm-up
+    assert semi_log.epi_loss[8:].notna().all() and semi_log.lv_loss[8:].notna().all()
+    assert semi["best_val_dice"] >= supervised["best_val_dice"] + 0.01
 
 
 def test_test_time_rotations_and_mirrors_average_the_eight_views():

@@ -62,7 +62,7 @@ def train(
     lr: float = typer.Option(2e-3),
     seed: int = typer.Option(0, help="Seeds the labeled subset, the weights and the sampling."),
     ema_decay: float = typer.Option(
-        0.0,
+        0.999,
         "--ema-decay",
         help="Validate, pseudo-label and save a moving average of the weights with this decay (0: off).",
     ),
