@@ -465,14 +465,12 @@ def test_unlabeled_images_improve_on_the_labeled_ones_alone(tmp_path):
     train_ids = sorted(path.stem for path in (data / "Train_Folder" / "img").glob("*.png"))
     labeled = choose_labeled(train_ids, 0.2, seed=0)
     assert len(train_ids) == 10 and len(labeled) == 2
-    for path in (data / "Train_Folder" / "img").glob("*.png"):
-        if path.stem not in labeled:
-            noisy, _, _ = make_phantom_2d(int(path.stem.split("_")[1]), noise=0.4)
-            io.write(noisy, path, overwrite=True)
-    for path in (data / "Val_Folder" / "img").glob("*.png"):
+    for path in sorted(data.glob("*_Folder/img/*.png")):
+        if path.stem in labeled:
+            continue
         noisy, label, _ = make_phantom_2d(int(path.stem.split("_")[1]), noise=0.4)
         io.write(noisy, path, overwrite=True)
-        mask = io.read(data / "Val_Folder" / "labelcol" / path.name).array[0] > 0
+        mask = io.read(path.parent.parent / "labelcol" / path.name).array[0] > 0
         np.testing.assert_array_equal(mask, label.array[0] > 0)  # the noise leaves the nuclei where they were
     common = dict(data=str(data), labeled_fraction=0.2, epochs=16, iters_per_epoch=4, crop_size=64, batch_size=4,
                   progress=False, pseudo_every=1, text_cache=str(tmp_path / "cache"))  # fmt: skip
