@@ -459,17 +459,17 @@ def test_resume_of_a_run_older_than_an_option_takes_what_it_ran_with(tmp_path):
     (still the default) and no weight average (the default since 2026-11-27 is 0.999)."""
     from dataclasses import asdict
 
-    from medsight.engine.train import RAN_WITHOUT_OPTION, check_resumable
+    from medsight.engine.train import check_resumable
 
     as_it_ran = TrainConfig(method="context25d", data="d", out="o", ema_decay=0.0)
     older = {k: v for k, v in asdict(as_it_ran).items() if k not in ("ema_decay", "mirror_axes")}
-    check_resumable(older, as_it_ran, set(), {}, tmp_path, RAN_WITHOUT_OPTION)  # accepted
+    check_resumable(older, as_it_ran, set(), {}, tmp_path)  # accepted
     defaults = TrainConfig(method="context25d", data="d", out="o")
     with pytest.raises(MedsightError, match=r"other options \(--ema-decay\)"):
-        check_resumable(older, defaults, set(), {}, tmp_path, RAN_WITHOUT_OPTION)
+        check_resumable(older, defaults, set(), {}, tmp_path)
     changed = TrainConfig(method="context25d", data="d", out="o", ema_decay=0.0, mirror_axes=[0])
     with pytest.raises(MedsightError, match=r"other options \(--mirror-axes\)"):
-        check_resumable(older, changed, set(), {}, tmp_path, RAN_WITHOUT_OPTION)
+        check_resumable(older, changed, set(), {}, tmp_path)
 
 
 def test_resume_without_a_run_starts_one(phantom, tmp_path):

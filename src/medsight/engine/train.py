@@ -216,25 +216,18 @@ def weight_average(model, decay: float):
     return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
-def check_resumable(
-    saved: dict[str, Any],
-    cfg,
-    ignore: set[str],
-    flags: dict[str, str],
-    path: Path,
-    ran_without: dict[str, Any] | None = None,
-) -> None:
+def check_resumable(saved: dict[str, Any], cfg, ignore: set[str], flags: dict[str, str], path: Path) -> None:
     """Refuse to resume with options that shape the run (network, data, schedule, budget, seed)
     changed: the resumed run would be another experiment with a borrowed history. ``saved`` is the
     run's stored config, ``cfg`` the new one (a dataclass); the options are named as on the command
     line (``flags`` maps the fields whose flag is not ``--field-name``). An option newer than the
     run is missing from its stored config: the run had the option's default, or the value in
-    ``ran_without`` where the default has changed since."""
+    ``RAN_WITHOUT_OPTION`` where the default has changed since."""
     ignore = ignore | {"out", "resume", "overwrite", "progress"}
     defaults = {
         f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(cfg)
     }
-    defaults |= ran_without or {}
+    defaults |= RAN_WITHOUT_OPTION
     changed = [
         "--" + flags.get(key, key.replace("_", "-"))
         for key, value in asdict(cfg).items()
@@ -288,8 +281,7 @@ def train(cfg: TrainConfig, return_model: bool = False):
             print(f"no run to resume in {out}; starting a new one")
         if resuming:
             saved = checkpoint.load(last_path, method=cfg.method)["training"]["config"]
-            flags = {"time_limit_minutes": "time-limit"}
-            check_resumable(saved, cfg, {"data"}, flags, last_path, RAN_WITHOUT_OPTION)
+            check_resumable(saved, cfg, {"data"}, {"time_limit_minutes": "time-limit"}, last_path)
 
     start = time.perf_counter()
     data = prepare_data(cfg, slice_wise=kind != "3d", rank=rank)

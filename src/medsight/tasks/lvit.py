@@ -776,7 +776,7 @@ def _resumable(last_path: Path, cfg: TextSegConfig) -> dict[str, Any]:
     same, or the resumed run would be a different experiment with a borrowed history.
     """
     from medsight.engine import checkpoint
-    from medsight.engine.train import RAN_WITHOUT_OPTION, check_resumable
+    from medsight.engine.train import check_resumable
 
     state = checkpoint.load(last_path)
     saved = state.get("training", {})
@@ -787,7 +787,7 @@ def _resumable(last_path: Path, cfg: TextSegConfig) -> dict[str, Any]:
             "was written by a medsight version that could not resume text-guided runs; pass --overwrite",
             last_path,
         )
-    check_resumable(saved["config"], cfg, {"data", "text_cache"}, CLI_FLAGS, last_path, RAN_WITHOUT_OPTION)
+    check_resumable(saved["config"], cfg, {"data", "text_cache"}, CLI_FLAGS, last_path)
     return state
 
 
