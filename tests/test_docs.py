@@ -1,4 +1,4 @@
-"""The docs cannot drift from the code: every `medsight ...` line in README.md and docs/cli.md names
+"""The docs cannot drift from the code: every `medsight ...` line in README.md, docs/cli.md and docs/methods.md names
 commands and options that exist, every command has its section in docs/cli.md listing its options,
 and the tables of benchmarks/README.md are what benchmarks/tables.py makes from the results files."""
 
@@ -17,7 +17,7 @@ import typer
 from medsight.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = (ROOT / "README.md", ROOT / "docs" / "cli.md")
+DOCS = (ROOT / "README.md", ROOT / "docs" / "cli.md", ROOT / "docs" / "methods.md")
 CODE_BLOCK = re.compile(r"```(?:bash|sh|shell|console)?\n(.*?)```", re.S)
 LONG_OPTION = re.compile(r"--[a-z][\w-]*")
 NUMBER = re.compile(r"-?\d+(\.\d+)?")
