@@ -1,6 +1,7 @@
-"""The docs cannot drift from the code: every `medsight ...` line in README.md, docs/cli.md and docs/methods.md names
-commands and options that exist, every command has its section in docs/cli.md listing its options,
-and the tables of benchmarks/README.md are what benchmarks/tables.py makes from the results files."""
+"""The docs cannot drift from the code: every `medsight ...` line in README.md, docs/cli.md and
+docs/methods.md names commands and options that exist, every command has its section in docs/cli.md
+listing its options, and the tables of benchmarks/README.md are what benchmarks/tables.py makes from
+the results files."""
 
 from __future__ import annotations
 
