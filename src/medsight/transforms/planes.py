@@ -214,7 +214,10 @@ def stack_positions(planes: Sequence[Plane]) -> np.ndarray:
 
 
 def sample_plane(scan: Scan, plane: Plane, order: int = 1, cval: float = 0.0) -> np.ndarray:
-    """Resample a 3D scan on ``plane``'s pixel grid: ``(C, rows, cols)`` float32; outside is ``cval``."""
+    """Resample a 3D scan on ``plane``'s pixel grid: ``(C, rows, cols)`` float32; outside is ``cval``.
+
+    ``order`` is the spline order of ``scipy.ndimage.map_coordinates`` (1: trilinear).
+    """
     from scipy.ndimage import map_coordinates
 
     if scan.ndim != 3:
@@ -228,10 +231,15 @@ def sample_plane(scan: Scan, plane: Plane, order: int = 1, cval: float = 0.0) ->
     r = np.arange(rows, dtype=float)[:, None, None]
     c = np.arange(cols, dtype=float)[None, :, None]
     ijk = (start + r * d_row + c * d_col).reshape(-1, 3).T
+    # a voxel covers +-0.5 around its centre: points within it take the edge value (also absorbing the
+    # round-off of the inverse affine at the border); points beyond it are outside the scan
+    shape = np.asarray(scan.spatial_shape, dtype=float)[:, None]
+    outside = ((ijk < -0.5) | (ijk > shape - 0.5)).any(axis=0).reshape(rows, cols)
     out = np.empty((scan.channels, rows, cols), np.float32)
     for ch in range(scan.channels):
         vol = np.asarray(scan.array[ch], dtype=np.float32)
-        out[ch] = map_coordinates(vol, ijk, order=order, mode="constant", cval=cval).reshape(rows, cols)
+        out[ch] = map_coordinates(vol, ijk, order=order, mode="nearest").reshape(rows, cols)
+    out[:, outside] = cval
     return out
 
 
