@@ -287,3 +287,15 @@ def test_sampled_views_with_jitter_are_seeded_and_consistent():
         for k in range(3):
             true = intersection_line(a.stack_planes[s], a.long_planes[k])
             assert angle_error_deg(line_from_heatmap(a.heatmaps[s, k]), true) < 1.0
+
+
+def test_a_named_long_axis_gives_the_world_frame():
+    scan, _ = _ellipsoid_scan()
+    frame = anatomical_frame(scan, long_axis="A")
+    assert np.array_equal(frame.axes, np.eye(3)[[1, 0, 2]])
+    pca = anatomical_frame(scan)
+    assert np.allclose(frame.centre, pca.centre) and pca.sd[0] > pca.sd[1] > pca.sd[2]
+    # the ellipsoid's semi-axis of 14 mm along axes[0]: sd of a uniform ellipsoid is a / sqrt(5)
+    assert np.isclose(pca.sd[0], 14 / np.sqrt(5), rtol=0.05)
+    with pytest.raises(MedsightError):
+        anatomical_frame(scan, long_axis="X")

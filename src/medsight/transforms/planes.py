@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ __all__ = [
     "Views",
     "anatomical_frame",
     "angle_error_deg",
+    "foreground_mask",
     "intersection_line",
     "line_from_heatmap",
     "line_heatmap",
@@ -68,8 +70,9 @@ class Plane:
     spacing: tuple[float, float]
     size: tuple[int, int]
 
-    @property
+    @cached_property
     def normal(self) -> np.ndarray:
+        """``row_dir x col_dir``: towards increasing slice index in a series read by ``medsight.io``."""
         return _unit(np.cross(self.row_dir, self.col_dir))
 
     @property
@@ -248,14 +251,16 @@ def sample_plane(scan: Scan, plane: Plane, order: int = 1, cval: float = 0.0) ->
 
 @dataclass(frozen=True)
 class Frame:
-    """Principal axes of a scan's foreground: ``axes[0]`` the longest, rows are unit vectors (RAS).
+    """Axes of a scan's foreground: ``axes[0]`` the long axis, rows are unit vectors (RAS).
 
-    ``extent[i]`` is the (min, max) of the foreground's projection on ``axes[i]``, in mm from ``centre``.
+    ``extent[i]`` is the (min, max) of the foreground's projection on ``axes[i]``, in mm from ``centre``,
+    and ``sd[i]`` its standard deviation (mm).
     """
 
     centre: np.ndarray
     axes: np.ndarray
     extent: np.ndarray
+    sd: np.ndarray
 
 
 def foreground_mask(scan: Scan) -> np.ndarray:
@@ -276,27 +281,39 @@ def foreground_mask(scan: Scan) -> np.ndarray:
     return mask
 
 
-def anatomical_frame(scan: Scan) -> Frame:
-    """Centre and principal axes (PCA of world coordinates) of the foreground; see ``foreground_mask``.
+def anatomical_frame(scan: Scan, long_axis: str = "pca") -> Frame:
+    """Centre and axes of the foreground (see ``foreground_mask``), ``axes[0]`` the long axis.
 
-    Each axis is signed to have a positive component along the RAS axis it is closest to, so flipping
-    or permuting the array (with the affine compensating) gives the same frame.
+    ``long_axis="pca"``: the principal axes (PCA of the foreground's world coordinates) by decreasing
+    spread; each is signed to have a positive component along the RAS axis it is closest to, so
+    flipping or permuting the array (with the affine compensating) gives the same frame. When two
+    spreads (``Frame.sd``) are within ~10 % of each other their axes are ill-defined (a brain's
+    left-right and anterior-posterior extents can be); for scans already in a standard orientation
+    (co-registered brains) name the long axis instead: ``"R"``, ``"A"`` or ``"S"`` takes the world
+    axes, that one first and the other two in R, A, S order.
     """
     if scan.ndim != 3:
         raise MedsightError("anatomical_frame needs a 3D scan", scan.path)
+    if long_axis not in ("pca", "R", "A", "S"):
+        raise MedsightError(f"long_axis must be 'pca', 'R', 'A' or 'S', not {long_axis!r}", scan.path)
     mask = foreground_mask(scan)
     if mask.sum() < 4:
         raise MedsightError("the foreground is too small to define an anatomical frame", scan.path)
     xyz = scan.voxel_to_world(np.argwhere(mask))
     centre = xyz.mean(axis=0)
     centred = xyz - centre
-    values, vectors = np.linalg.eigh(centred.T @ centred / len(xyz))
-    axes = vectors[:, ::-1].T.copy()  # decreasing variance
-    for i, axis in enumerate(axes):
-        if axis[np.argmax(np.abs(axis))] < 0:
-            axes[i] = -axis
+    if long_axis == "pca":
+        _, vectors = np.linalg.eigh(centred.T @ centred / len(xyz))
+        axes = vectors[:, ::-1].T.copy()  # decreasing variance
+        for i, axis in enumerate(axes):
+            if axis[np.argmax(np.abs(axis))] < 0:
+                axes[i] = -axis
+    else:
+        first = "RAS".index(long_axis)
+        axes = np.eye(3)[[first] + [i for i in range(3) if i != first]]
     proj = centred @ axes.T
-    return Frame(centre, axes, np.stack([proj.min(axis=0), proj.max(axis=0)], axis=1))
+    extent = np.stack([proj.min(axis=0), proj.max(axis=0)], axis=1)
+    return Frame(centre, axes, extent, proj.std(axis=0))
 
 
 @dataclass
@@ -352,6 +369,7 @@ def sample_views(
     frame: Frame | None = None,
     margin: float = 0.1,
     order: int = 1,
+    cval: float | None = None,
 ) -> Views:
     """A "short-axis" stack across the frame's longest axis and ``n_long`` "long-axis" views around it.
 
@@ -359,6 +377,8 @@ def sample_views(
     less ``margin`` at each end. Long view ``k`` contains the long axis (each tilted by its own jitter)
     and is turned about it by ``k * 180 / n_long`` degrees (+ jitter) from the frame's second axis, so
     two views lie ~90 degrees apart like 2- and 4-chamber views. Pass ``frame`` to skip recomputing it.
+    Pixels outside the scan get ``cval``, by default the scan's minimum (its background, also when the
+    intensities are z-scored).
     """
     if n_stack < 2 or n_long < 1:
         raise MedsightError("sample_views needs n_stack >= 2 and n_long >= 1")
@@ -380,9 +400,10 @@ def sample_views(
         jitter = rng.uniform(-jitter_mm, jitter_mm, 3)
         views.append(Plane.centred(centre + jitter, in_plane, view_axis, spacing, size))
     heat, positions = _targets(stack, views, sigma_px)
+    cval = float(np.nanmin(scan.array)) if cval is None else float(cval)
     return Views(
-        np.stack([sample_plane(scan, p, order) for p in stack]),
-        [sample_plane(scan, p, order) for p in views],
+        np.stack([sample_plane(scan, p, order, cval) for p in stack]),
+        [sample_plane(scan, p, order, cval) for p in views],
         stack,
         views,
         heat,
