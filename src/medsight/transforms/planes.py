@@ -466,12 +466,20 @@ def views_from_dicom_study(series_dirs: Sequence[Path | str], sigma_px: float = 
 
 
 def line_from_heatmap(heatmap: np.ndarray) -> Line | None:
-    """The line through a ridge: weighted PCA of the pixels at or above half the maximum; None if flat."""
+    """The line through a ridge: weighted PCA of the largest connected region at or above half the
+    maximum (so a stray blob in a predicted map does not pull the line); None if the map is flat."""
+    from scipy import ndimage
+
     h = np.asarray(heatmap, dtype=float)
     peak = h.max() if h.size else 0.0
     if not np.isfinite(peak) or peak <= 0:
         return None
-    rc = np.argwhere(h >= peak / 2)
+    labels, n = ndimage.label(h >= peak / 2)
+    if n > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        labels = labels == int(sizes.argmax())
+    rc = np.argwhere(labels > 0)
     if len(rc) < 2:
         return None
     w = h[tuple(rc.T)]
