@@ -188,6 +188,12 @@ def test_views_from_a_dicom_study_use_the_tags(tmp_path):
     for col in range(16):
         d = abs(n[0] * (col - c)) / np.hypot(n[0], n[1])  # pixel distance of (r, col) to that line
         assert np.isclose(views.heatmaps[s, 0, r, col], np.exp(-(d**2) / 8), atol=1e-4)
+    # resampled at the native 1 mm on an 8 x 8 grid about each image centre (7.5, 7.5): the native
+    # pixels 4..11 of every stack slice, with the same ridge, shifted by 4 pixels
+    small = views_from_dicom_study([tmp_path / "oblique", tmp_path / "axial"], 2.0, spacing=1.0, size=(8, 8))
+    assert small.stack_images.shape == (9, 1, 8, 8) and small.long_images[0].shape == (1, 8, 8)
+    assert np.allclose(small.stack_images[0, 0], axial[1][0][4:12, 4:12], atol=1e-3)
+    assert np.allclose(small.heatmaps[s, 0], views.heatmaps[s, 0, 4:12, 4:12], atol=1e-4)
     other = tmp_path / "other"
     write_series(
         other, rng.integers(0, 9, (2, 4, 4)), OBLIQUE_ROW, OBLIQUE_COL, frame_of_reference_uid="1.2.3"

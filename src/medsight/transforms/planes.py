@@ -427,15 +427,37 @@ def _series_planes(folder: Path) -> tuple[Scan, list[Plane], set[str]]:
     return scan, planes, {str(h.get("FrameOfReferenceUID", "")) for h in headers}
 
 
-def views_from_dicom_study(series_dirs: Sequence[Path | str], sigma_px: float = 6.0) -> Views:
+def _regrid(image: np.ndarray, source: Plane, target: Plane, order: int = 1) -> np.ndarray:
+    """An image ``(C, rows, cols)`` on ``source`` resampled in-plane on ``target`` (coplanar); 0 outside."""
+    from scipy.ndimage import map_coordinates
+
+    rows, cols = target.size
+    grid = np.stack(np.mgrid[0:rows, 0:cols], axis=-1).astype(float)
+    rc = world_to_pixel(source, pixel_to_world(target, grid)).reshape(-1, 2).T
+    return np.stack(
+        [map_coordinates(ch, rc, order=order, mode="constant").reshape(rows, cols) for ch in image]
+    ).astype(np.float32)
+
+
+def views_from_dicom_study(
+    series_dirs: Sequence[Path | str],
+    sigma_px: float = 6.0,
+    spacing: float | None = None,
+    size: Sequence[int] | None = None,
+) -> Views:
     """Pretext sample from a real study: the stack is the series with most slices, each other series'
     central slice is a long-axis view; targets come from the DICOM tags.
 
     Every series must share one FrameOfReferenceUID. Series parallel to the stack cut it nowhere and
-    are left out (their names are not in ``Views.names``); a study with none left is refused.
+    are left out (their names are not in ``Views.names``); a study with none left is refused. With
+    ``spacing`` (mm) and ``size`` (rows, cols), every image is resampled in its own plane onto a grid
+    of that size about its centre (the paper: 1.26 mm, 224 x 224), and the targets follow that grid;
+    without them images and targets stay on the native pixel grids.
     """
     if len(series_dirs) < 2:
         raise MedsightError("a DICOM study needs at least two series (a stack and a view)")
+    if (spacing is None) != (size is None):
+        raise MedsightError("give both spacing and size to resample the study, or neither")
     loaded = [(Path(d), *_series_planes(Path(d))) for d in series_dirs]
     frames = set().union(*(f for *_, f in loaded))
     if len(frames) != 1 or "" in frames:
@@ -447,19 +469,33 @@ def views_from_dicom_study(series_dirs: Sequence[Path | str], sigma_px: float = 
     folder, scan, stack, _ = loaded[0]
     if len(stack) < 2:
         raise MedsightError("the stack series has a single slice", folder)
+
+    def image_of(series: Scan, k: int) -> np.ndarray:
+        return np.asarray(series.array[..., k], np.float32).transpose(
+            0, 2, 1
+        )  # (C, cols, rows) -> (C, rows, cols)
+
+    def regridded(plane: Plane, image: np.ndarray) -> tuple[Plane, np.ndarray]:
+        if spacing is None:
+            return plane, image
+        target = Plane.centred(plane.centre, plane.row_dir, plane.col_dir, spacing, size)
+        return target, _regrid(image, plane, target)
+
     names, views, images = [], [], []
     for other_folder, other, planes, _ in loaded[1:]:
         k = len(planes) // 2
         if intersection_line(stack[0], planes[k]) is None:
             continue
+        view, image = regridded(planes[k], image_of(other, k))
         names.append(other_folder.name)
-        views.append(planes[k])
-        images.append(np.asarray(other.array[..., k], np.float32).transpose(0, 2, 1))
+        views.append(view)
+        images.append(image)
     if not views:
         raise MedsightError("no other series of this study is oblique to the stack (all parallel)", folder)
+    pairs = [regridded(p, image_of(scan, k)) for k, p in enumerate(stack)]
+    stack = [plane for plane, _ in pairs]
     heat, positions = _targets(stack, views, sigma_px)
-    stack_images = np.asarray(scan.array, np.float32).transpose(3, 0, 2, 1)  # (slices, C, rows, cols)
-    return Views(stack_images, images, stack, views, heat, positions, names)
+    return Views(np.stack([image for _, image in pairs]), images, stack, views, heat, positions, names)
 
 
 # -- pretext accuracy ---------------------------------------------------------------------------
