@@ -308,3 +308,18 @@ def test_a_named_long_axis_gives_the_world_frame():
     assert np.isclose(pca.sd[0], 14 / np.sqrt(5), rtol=0.05)
     with pytest.raises(MedsightError):
         anatomical_frame(scan, long_axis="X")
+
+
+def test_world_cross_axes_keep_the_long_axis_and_take_the_rest_from_the_world():
+    scan, rot = _ellipsoid_scan()
+    pca = anatomical_frame(scan)
+    frame = anatomical_frame(scan, cross_axes="world")
+    assert np.allclose(frame.axes[0], pca.axes[0])
+    assert np.allclose(frame.axes @ frame.axes.T, np.eye(3), atol=1e-12)
+    # the first world axis that is not the long axis' own, minus its component along the long axis
+    own = int(np.argmax(np.abs(pca.axes[0])))
+    world = np.eye(3)[0 if own != 0 else 1]
+    expected = world - (world @ pca.axes[0]) * pca.axes[0]
+    assert np.allclose(frame.axes[1], expected / np.linalg.norm(expected))
+    flipped = anatomical_frame(_ellipsoid_scan(flip=True)[0], cross_axes="world")
+    assert np.allclose(flipped.axes, frame.axes, atol=1e-6)
