@@ -54,6 +54,16 @@ def test_axial_and_coronal_planes_of_identity_affine_cut_along_a_known_row():
     assert intersection_line(axial, planes_of_scan(scan, axis=2)[6]) is None  # parallel
 
 
+def test_planes_of_scan_agree_with_scan_slice_plane():
+    scan, _ = _ramp_scan()
+    for axis in range(3):
+        ours, theirs = planes_of_scan(scan, axis)[4], scan.slice_plane(4, axis)
+        assert np.allclose(ours.origin, theirs.origin) and np.allclose(ours.normal, theirs.normal)
+        assert np.allclose(ours.row_dir, theirs.u) and np.allclose(ours.col_dir, theirs.v)
+        assert np.allclose(ours.spacing[::-1], theirs.spacing)
+        assert np.allclose(pixel_to_world(ours, [3, 2]), theirs.world(2, 3))
+
+
 def test_oblique_intersection_matches_brute_force_points_on_both_planes():
     rot_a, rot_b = _rotation(1), _rotation(2)
     a = Plane(np.array([3.0, -4.0, 7.0]), rot_a[:, 0], rot_a[:, 1], (0.7, 1.3), (40, 50))

@@ -15,6 +15,10 @@ Conventions (one place, used everywhere in this module):
 - The slice ``k`` of a volume along spatial axis ``a`` is the plane whose columns follow the lower
   remaining voxel axis and rows the higher one, so for ``a = 2`` its image is ``array[c, :, :, k].T``
   and a DICOM series read by ``medsight.io`` gives back exactly its slices' tags.
+
+``medsight.scan.Plane`` (from ``Scan.slice_plane``) describes the same slice without a size: its ``u``
+is ``row_dir``, ``v`` is ``col_dir``, and its spacing is ordered (along u, along v), the reverse of
+PixelSpacing's (row, col) used here.
 """
 
 from __future__ import annotations
@@ -199,7 +203,12 @@ def line_heatmap(line: Line | None, size: Sequence[int], sigma_px: float) -> np.
 
 
 def stack_positions(planes: Sequence[Plane]) -> np.ndarray:
-    """Each plane's position along the stack normal, ``(loc - min) / (max - min)`` in ``[0, 1]``."""
+    """Each plane's position along the stack normal, ``(loc - min) / (max - min)`` in ``[0, 1]``.
+
+    ``loc = origin . normal`` with the first plane's normal, so 0 is the end the normal points away
+    from (the first slice of a series read by ``medsight.io``). The reference code takes
+    ``-normal . ImagePositionPatient`` instead, which gives ``1 -`` these values.
+    """
     if len(planes) < 2:
         raise MedsightError("a stack position needs at least two planes")
     normal = planes[0].normal
@@ -375,7 +384,7 @@ def sample_views(
     rng: np.random.Generator,
     n_stack: int = 8,
     n_long: int = 2,
-    size: Sequence[int] = (48, 48),
+    size: Sequence[int] = (40, 40),
     spacing: float = 1.0,
     jitter_deg: float = 10.0,
     jitter_mm: float = 3.0,
@@ -390,7 +399,11 @@ def sample_views(
     The stack's normal is the (jittered) long axis; its ``n_stack`` slices span the foreground along it
     less ``margin`` at each end. Long view ``k`` contains the long axis (each tilted by its own jitter)
     and is turned about it by ``k * 180 / n_long`` degrees (+ jitter) from the frame's second axis, so
-    two views lie ~90 degrees apart like 2- and 4-chamber views. Pass ``frame`` to skip recomputing it.
+    two views lie ~90 degrees apart like 2- and 4-chamber views. Pass ``frame`` to skip recomputing it
+    (it costs more than a sample). The defaults suit hippocampus crops (~35 x 51 x 35 mm at 1 mm): a
+    stack slice's cross-section is ~36 x 38 mm, so 40 x 40 px at the native 1 mm keeps the anatomy's
+    scale for the segmentation network and wastes little on padding; the ridge's sigma of 2 px is the
+    paper's 6 px at 224 px scaled to the image, kept above 1 px so the ridge stays learnable.
     Pixels outside the scan get ``cval``, by default the scan's minimum (its background, also when the
     intensities are z-scored).
     """
