@@ -333,3 +333,11 @@ def test_world_cross_axes_keep_the_long_axis_and_take_the_rest_from_the_world():
     assert np.allclose(frame.axes[1], expected / np.linalg.norm(expected))
     flipped = anatomical_frame(_ellipsoid_scan(flip=True)[0], cross_axes="world")
     assert np.allclose(flipped.axes, frame.axes, atol=1e-6)
+
+
+def test_a_dicom_image_without_geometry_is_refused_in_one_line():
+    ds = pydicom.Dataset()
+    ds.Rows, ds.Columns = 4, 4
+    with pytest.raises(MedsightError, match="plane geometry") as err:
+        Plane.from_dicom(ds)
+    assert "\n" not in str(err.value)

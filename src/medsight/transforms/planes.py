@@ -64,7 +64,7 @@ def _unit(v) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # array fields: compare planes with np.allclose, not ==
 class Plane:
     """An image plane in RAS world space (see the module docstring for the conventions)."""
 
@@ -91,7 +91,7 @@ class Plane:
         try:
             iop = np.asarray([float(x) for x in ds.ImageOrientationPatient])
             ipp = np.asarray([float(x) for x in ds.ImagePositionPatient])
-            ps = [float(x) for x in ds.PixelSpacing]
+            ps = [float(x) for x in (ds.get("PixelSpacing") or ds.ImagerPixelSpacing)]
             rows, cols = int(ds.Rows), int(ds.Columns)
         except (AttributeError, TypeError, ValueError) as exc:
             raise MedsightError(f"DICOM image lacks usable plane geometry ({exc})", _ds_path(ds)) from exc
@@ -153,7 +153,7 @@ def planes_of_scan(scan: Scan, axis: int = 2) -> list[Plane]:
 # -- lines --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Line:
     """A line in an image: a point ``(row, col)`` and a unit direction ``(drow, dcol)``."""
 
@@ -163,7 +163,7 @@ class Line:
     def normal_form(self) -> tuple[float, float]:
         """``(theta, rho)`` with ``rho = col cos(theta) + row sin(theta)``, ``theta`` in ``[0, pi)``."""
         drow, dcol = self.direction
-        theta = float(np.arctan2(dcol, -drow)) % np.pi  # the normal (x, y) = (-drow, dcol) rotated 90 deg
+        theta = float(np.arctan2(dcol, -drow)) % np.pi  # the normal in (x, y) is (-drow, dcol)
         rho = float(self.point[1] * np.cos(theta) + self.point[0] * np.sin(theta))
         return theta, rho
 
