@@ -23,6 +23,7 @@ from medsight.transforms.planes import (
     pixel_to_world,
     planes_of_scan,
     position_error,
+    pretext_errors,
     sample_plane,
     sample_views,
     stack_positions,
@@ -341,3 +342,23 @@ def test_a_dicom_image_without_geometry_is_refused_in_one_line():
     with pytest.raises(MedsightError, match="plane geometry") as err:
         Plane.from_dicom(ds)
     assert "\n" not in str(err.value)
+
+
+def test_pretext_errors_measure_against_the_exact_geometry():
+    scan, _ = _ellipsoid_scan()
+    views = sample_views(scan, np.random.default_rng(2), 4, 2, (32, 32), 1.0, 8.0, 2.0)
+    perfect = pretext_errors(views.heatmaps, views.positions, views)
+    assert perfect["angle_error_deg"] < 1 and perfect["offset_px"] < 0.3 and perfect["missed"] == 0
+    assert perfect["position_error"] == 0
+    # every predicted ridge moved 3 px along its normal, every position off by 0.1; one map flat
+    shifted = np.zeros_like(views.heatmaps)
+    for s, plane in enumerate(views.stack_planes):
+        for k, view in enumerate(views.long_planes):
+            true = intersection_line(plane, view)
+            normal = np.array([-true.direction[1], true.direction[0]])
+            shifted[s, k] = line_heatmap(Line(true.point + 3 * normal, true.direction), (32, 32), 2.0)
+    shifted[0, 0] = 0
+    errors = pretext_errors(shifted, np.clip(views.positions + 0.1, 0, 1.1), views)
+    assert np.isclose(errors["offset_px"], 3, atol=0.3) and errors["angle_error_deg"] < 1
+    assert errors["missed"] == 1 and np.isclose(errors["position_error"], 0.1)
+    assert set(pretext_errors(None, views.positions, views)) == {"position_error"}

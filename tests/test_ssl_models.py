@@ -10,7 +10,7 @@ import torch
 
 from medsight.errors import MedsightError
 from medsight.models.registry import build_model
-from medsight.models.ssl import PretextUNet, load_transferable
+from medsight.models.ssl import PretextUNet, load_transferable, pretext_loss
 from medsight.transforms.genesis import genesis_corrupt, inpaint, local_shuffle, nonlinear_intensity, outpaint
 
 
@@ -146,3 +146,17 @@ def test_outpaint_keeps_one_box_and_inpaint_most_of_the_image():
     painted = inpaint(image, np.random.default_rng(1))
     changed = (painted != image).mean()
     assert 0 < changed < 0.6
+
+
+def test_pretext_loss_weights_the_mse_of_each_head_with_a_target():
+    out = {"heatmap": torch.zeros(2, 2, 4, 4), "position": torch.tensor([0.5, 0.5])}
+    targets = {"heatmap": torch.full((2, 2, 4, 4), 0.5), "position": torch.tensor([0.0, 1.0])}
+    total, parts = pretext_loss(out, targets)
+    assert np.isclose(parts["heatmap"], 0.25) and np.isclose(parts["position"], 0.25)
+    assert np.isclose(float(total), 0.5)
+    total, _ = pretext_loss(out, targets, {"position": 2.0})
+    assert np.isclose(float(total), 0.75)
+    only, parts = pretext_loss(out, {"position": targets["position"]})  # heads without a target are skipped
+    assert set(parts) == {"position"} and np.isclose(float(only), 0.25)
+    with pytest.raises(ValueError):
+        pretext_loss(out, {"restoration": torch.zeros(1)})

@@ -19,7 +19,7 @@ from torch import nn
 from medsight.errors import MedsightError
 from medsight.models.baselines import unet2d
 
-__all__ = ["PretextUNet", "last_layer_prefix", "load_transferable"]
+__all__ = ["PretextUNet", "last_layer_prefix", "load_transferable", "pretext_loss"]
 
 
 def _monai_unet(model: nn.Module) -> nn.Module:
@@ -134,3 +134,22 @@ def load_transferable(seg_model: nn.Module, state: dict[str, torch.Tensor]) -> t
         )
     seg_model.load_state_dict({**target, **state})
     return sorted(state), skipped
+
+
+def pretext_loss(
+    out: dict[str, torch.Tensor],
+    targets: dict[str, torch.Tensor],
+    weights: dict[str, float] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of the MSE of every head that has a target (the paper: heatmap and position, 1 and 1).
+
+    ``targets`` uses the head names: ``"heatmap"`` ``(B, n_views, H, W)``, ``"position"`` ``(B,)``,
+    ``"restoration"`` (the uncorrupted image). Returns the total and each term as a float for logging.
+    """
+    weights = {"heatmap": 1.0, "position": 1.0, "restoration": 1.0, **(weights or {})}
+    heads = [name for name in ("heatmap", "position", "restoration") if name in out and name in targets]
+    if not heads:
+        raise ValueError(f"no pretext head has a target: outputs {sorted(out)}, targets {sorted(targets)}")
+    terms = {name: nn.functional.mse_loss(out[name], targets[name].to(out[name].dtype)) for name in heads}
+    total = sum(weights[name] * term for name, term in terms.items())
+    return total, {name: float(term.detach()) for name, term in terms.items()}

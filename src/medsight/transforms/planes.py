@@ -49,6 +49,7 @@ __all__ = [
     "pixel_to_world",
     "planes_of_scan",
     "position_error",
+    "pretext_errors",
     "sample_plane",
     "sample_views",
     "stack_positions",
@@ -572,3 +573,33 @@ def offset_error_px(pred: Line | None, true: Line, size: Sequence[int]) -> float
 def position_error(pred, true) -> np.ndarray:
     """``|pred - true|`` per slice."""
     return np.abs(np.asarray(pred, dtype=float) - np.asarray(true, dtype=float))
+
+
+def pretext_errors(pred_heatmaps, pred_positions, views: Views) -> dict[str, float]:
+    """Pretext accuracy of one sample against its exact geometry (not against the target ridges).
+
+    ``pred_heatmaps`` is ``(n_stack, n_long, rows, cols)`` and ``pred_positions`` ``(n_stack,)``, either
+    may be None to skip it. Returns the mean ``angle_error_deg`` and ``offset_px`` over the maps that
+    show a ridge, ``missed`` (how many were flat) and the mean ``position_error``.
+    """
+    out: dict[str, float] = {}
+    if pred_heatmaps is not None:
+        pred = np.asarray(pred_heatmaps, dtype=float)
+        angles, offsets, missed = [], [], 0
+        for s, plane in enumerate(views.stack_planes):
+            for k, view in enumerate(views.long_planes):
+                true = intersection_line(plane, view)
+                found = line_from_heatmap(pred[s, k])
+                if true is None:
+                    continue
+                if found is None:
+                    missed += 1
+                    continue
+                angles.append(angle_error_deg(found, true))
+                offsets.append(offset_error_px(found, true, plane.size))
+        out["angle_error_deg"] = float(np.mean(angles)) if angles else float("nan")
+        out["offset_px"] = float(np.mean(offsets)) if offsets else float("nan")
+        out["missed"] = float(missed)
+    if pred_positions is not None:
+        out["position_error"] = float(position_error(pred_positions, views.positions).mean())
+    return out
