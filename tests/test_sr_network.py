@@ -1,0 +1,92 @@
+"""The super-resolution network: shapes, geometry of the upsampler, the semantic branch, bad options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medsight.errors import MedsightError
+from medsight.models.sr import build_sr_network
+from medsight.scan import Scan
+from medsight.transforms.degrade import DegradeParams, degrade
+
+
+def _params(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize(("channels", "scale"), [(1, 2), (1, 3), (3, 4)])
+def test_inplane_shapes(channels, scale):
+    net = build_sr_network(channels, scale, "inplane", "plain", features=16, blocks=2)
+    assert net(torch.randn(2, channels, 10, 7)).shape == (2, channels, 10 * scale, 7 * scale)
+
+
+def test_thick_upsamples_only_the_first_axis_in_sub_pixel_order():
+    net = build_sr_network(1, 4, "thick", "plain", features=16, blocks=1)
+    with torch.no_grad():  # the correction is then exactly the bias: sub-pixel s of every row holds s
+        net.upsample.weight.zero_()
+        net.upsample.bias.copy_(torch.arange(4.0))
+    x = torch.zeros(1, 1, 5, 9)
+    y = net(x)
+    assert y.shape == (1, 1, 20, 9)
+    np.testing.assert_allclose(y[0, 0, :, 3].detach().numpy(), np.tile([0.0, 1.0, 2.0, 3.0], 5))
+
+
+@pytest.mark.parametrize("mode", ["inplane", "thick"])
+def test_residual_interpolation_inverts_the_degradation_geometry_on_a_ramp(mode):
+    # LR voxels are block centres; bilinear (align_corners=False) reproduces linear functions, so an
+    # untrained correction-free network maps the degraded ramp back onto the HR ramp (away from borders).
+    ramp = np.add.outer(np.arange(24.0), 0.5 * np.arange(24.0))
+    if mode == "inplane":
+        lr = degrade(Scan.from_spatial(ramp), DegradeParams("inplane", 2, "box")).array
+    else:  # thick: the first image axis is the slice axis; the second stays
+        # volume (2, 24, 24) with vol[x, y, z] = ramp[z, y]; the image (z, y) of one x is the ramp again
+        vol = np.repeat(ramp[:, None, :], 2, axis=1).transpose(1, 2, 0)
+        lr = degrade(Scan.from_spatial(vol), DegradeParams("thick", 2, "box")).array[:, 0].transpose(0, 2, 1)
+    net = build_sr_network(1, 2, mode, "plain", features=8, blocks=1, interpolation="bilinear")
+    with torch.no_grad():
+        net.upsample.weight.zero_()
+    y = net(torch.from_numpy(lr[None]).float())[0, 0].detach().numpy()
+    np.testing.assert_allclose(y[3:-3, 3:-3], ramp[3:-3, 3:-3], atol=1e-4)
+
+
+def test_semantic_branch_starts_as_the_plain_network_and_then_uses_the_map():
+    torch.manual_seed(0)
+    sem = build_sr_network(1, 2, "inplane", "semantic", features=16, blocks=3, semantic_channels=8).eval()
+    plain = build_sr_network(1, 2, "inplane", "plain", features=16, blocks=3).eval()
+    plain.load_state_dict({k: v for k, v in sem.state_dict().items() if not k.startswith("semantic.")})
+    x, s = torch.randn(2, 1, 12, 12), torch.randn(2, 8, 3, 3)
+    torch.testing.assert_close(sem(x, s), plain(x))
+    with torch.no_grad():
+        for conv in sem.semantic.modulate:
+            conv.weight.normal_(0, 0.1)
+    out = sem(x, s)
+    assert not torch.allclose(out, plain(x))
+    assert not torch.allclose(out, sem(x, torch.randn(2, 8, 3, 3)))
+    s.requires_grad_(True)
+    sem(x, s).square().mean().backward()
+    assert s.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="semantic map"):
+        sem(x)
+
+
+def test_parameter_budget_for_one_channel():
+    plain = _params(build_sr_network(1, 2, "inplane", "plain"))
+    semantic = _params(build_sr_network(1, 2, "inplane", "semantic"))
+    assert 300_000 <= plain < semantic <= 700_000
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"scale": 5}, "inplane scale must be one of"),
+        ({"mode": "sideways"}, "unknown super-resolution mode"),
+        ({"method": "magic"}, "unknown super-resolution method"),
+        ({"in_channels": 2}, "1 or 3 channels"),
+        ({"blocks": 2, "fuse_at": (0, 2)}, "fuse_at indices"),
+    ],
+)
+def test_bad_options_are_one_clear_line(kwargs, needle):
+    with pytest.raises(MedsightError, match=needle):
+        build_sr_network(**kwargs)
