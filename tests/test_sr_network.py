@@ -90,3 +90,28 @@ def test_parameter_budget_for_one_channel():
 def test_bad_options_are_one_clear_line(kwargs, needle):
     with pytest.raises(MedsightError, match=needle):
         build_sr_network(**kwargs)
+
+
+def test_semantic_sr_wrapper_frozen_and_fine_tuned_encoder():
+    from medsight.models.caption import CaptionEncoder
+    from medsight.models.sr import SemanticSR
+
+    torch.manual_seed(0)
+    sr = build_sr_network(1, 2, "inplane", "semantic", features=8, blocks=2, semantic_channels=16)
+    with torch.no_grad():
+        for conv in sr.semantic.modulate:
+            conv.weight.normal_(0, 0.1)
+    encoder = CaptionEncoder(1, width=8, feature_channels=16)
+    x = torch.randn(2, 1, 12, 12)
+    frozen = SemanticSR(sr, encoder, freeze_encoder=True)
+    torch.testing.assert_close(frozen(x), sr(x, encoder(sr.interpolate(x))))
+    frozen(x).mean().backward()
+    assert all(p.grad is None for p in encoder.parameters())
+    assert sr.head.weight.grad is not None
+    tuned = SemanticSR(sr, CaptionEncoder(1, width=8, feature_channels=16), freeze_encoder=False)
+    tuned(x).square().mean().backward()
+    assert all(p.grad is not None for p in tuned.encoder.parameters())
+    plain = build_sr_network(1, 2, "inplane", "plain", features=8, blocks=2)
+    assert SemanticSR(plain, encoder).encoder is None
+    with pytest.raises(ValueError, match="caption encoder"):
+        SemanticSR(sr, None)

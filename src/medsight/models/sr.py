@@ -43,7 +43,7 @@ from medsight.models.blocks import DynamicConv2d, PolarizedSelfAttention
 SR_MODES = ("inplane", "thick")
 INTERPOLATIONS = ("bicubic", "bilinear")
 
-__all__ = ["DistillationBlock", "SRNetwork", "SemanticBranch", "build_sr_network"]
+__all__ = ["DistillationBlock", "SRNetwork", "SemanticBranch", "SemanticSR", "build_sr_network"]
 
 
 def _act() -> nn.Module:
@@ -189,3 +189,33 @@ def build_sr_network(
     if fuse_at is not None and any(not 0 <= int(i) < blocks for i in fuse_at):
         raise MedsightError(f"fuse_at indices must lie in 0..{blocks - 1}, got {list(fuse_at)}")
     return SRNetwork(in_channels, scale, mode, semantic=method == "semantic", **kwargs)
+
+
+class SemanticSR(nn.Module):
+    """The super-resolution network with its caption encoder: one input (the LR image), one output.
+
+    The encoder sees the interpolated input, i.e. an image on the high-resolution grid like those it
+    learned to describe, and its map feeds the semantic branch. ``freeze_encoder=True`` keeps the
+    caption encoder as trained (no gradients); ``False`` fine-tunes it with the SR loss. A network
+    built without the branch (``plain``) ignores the encoder, which may then be ``None``.
+    """
+
+    def __init__(self, sr: SRNetwork, encoder: nn.Module | None = None, freeze_encoder: bool = True):
+        super().__init__()
+        if sr.semantic is not None and encoder is None:
+            raise ValueError("a semantic super-resolution network needs the caption encoder")
+        self.sr = sr
+        self.encoder = encoder if sr.semantic is not None else None
+        self.freeze_encoder = freeze_encoder
+        if self.encoder is not None and freeze_encoder:
+            self.encoder.requires_grad_(False)
+
+    def semantic_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The caption encoder's map of the interpolated input."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+            return self.encoder(self.sr.interpolate(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.encoder is None:
+            return self.sr(x)
+        return self.sr(x, self.semantic_map(x))
