@@ -115,3 +115,40 @@ def test_semantic_sr_wrapper_frozen_and_fine_tuned_encoder():
     assert SemanticSR(plain, encoder).encoder is None
     with pytest.raises(ValueError, match="caption encoder"):
         SemanticSR(sr, None)
+
+
+def _ellipses(rng, n=48):
+    yy, xx = np.mgrid[:n, :n]
+    img = np.zeros((n, n))
+    for _ in range(4):
+        cy, cx, ry, rx = rng.uniform(8, n - 8, 2).tolist() + rng.uniform(3, 12, 2).tolist()
+        img[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1] = rng.uniform(0.3, 1.0)
+    return img
+
+
+@pytest.mark.slow
+def test_plain_network_learns_to_beat_bicubic_on_phantoms(single_thread):
+    # sharp-edged ellipses degraded x2 (gaussian PSF): a few hundred Adam steps of L1 must beat the
+    # bicubic baseline on held-out phantoms by a clear margin (about +4 dB after 500 steps when written).
+    rng = np.random.default_rng(0)
+
+    def pairs(k):
+        hr = [_ellipses(rng) for _ in range(k)]
+        lr = [degrade(Scan.from_spatial(h), DegradeParams("inplane", 2, "gaussian")).array for h in hr]
+        return torch.tensor(np.stack(lr)).float(), torch.tensor(np.stack(hr))[:, None].float()
+
+    (x_train, y_train), (x_test, y_test) = pairs(64), pairs(16)
+    torch.manual_seed(0)
+    net = build_sr_network(1, 2, "inplane", "plain", features=16, blocks=2)
+    opt = torch.optim.Adam(net.parameters(), 2e-3)
+    for _ in range(500):
+        idx = torch.randint(0, 64, (8,))
+        loss = (net(x_train[idx]) - y_train[idx]).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        gain = 10 * torch.log10(
+            ((net.interpolate(x_test) - y_test) ** 2).mean() / ((net(x_test) - y_test) ** 2).mean()
+        )
+    assert gain > 2.0
