@@ -14,6 +14,9 @@ from medsight.transforms.degrade import (
     RandomDegrade,
     crop_to_multiple,
     degrade,
+    from_planes,
+    make_pair,
+    to_planes,
     upsample_geometry,
 )
 
@@ -133,3 +136,38 @@ def test_bad_input_is_one_clear_line(shape, params, needle):
     with pytest.raises(MedsightError, match=needle) as err:
         degrade(Scan.from_spatial(np.zeros(shape)), params)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("mode", ["inplane", "thick"])
+@pytest.mark.parametrize("slice_axis", [0, 1, -1])
+def test_planes_round_trip(mode, slice_axis):
+    vol = np.arange(2 * 3 * 4 * 5, dtype=float).reshape(2, 3, 4, 5)
+    planes = to_planes(vol, mode, slice_axis)
+    s = slice_axis % 3
+    first, second = (a for a in range(3) if a != s)
+    if mode == "inplane":  # one image per slice, rows/cols the in-plane axes
+        assert planes.shape == (vol.shape[s + 1], 2, vol.shape[first + 1], vol.shape[second + 1])
+    else:  # rows are the slice axis
+        assert planes.shape == (vol.shape[first + 1], 2, vol.shape[s + 1], vol.shape[second + 1])
+    np.testing.assert_array_equal(from_planes(planes, 3, mode, slice_axis), vol)
+    pic = np.arange(3 * 6 * 7.0).reshape(3, 6, 7)
+    assert to_planes(pic, "inplane").shape == (1, 3, 6, 7)
+    np.testing.assert_array_equal(from_planes(to_planes(pic, "inplane"), 2, "inplane"), pic)
+
+
+def test_thick_plane_rows_follow_the_slice_axis():
+    vol = np.zeros((1, 4, 5, 6))
+    vol[0, :, :, 2] = 1.0  # slice z = 2
+    planes = to_planes(vol, "thick", -1)  # rows are z
+    assert planes.shape == (4, 1, 6, 5)
+    np.testing.assert_array_equal(planes[:, 0, 2], 1.0)
+    assert planes.sum() == 20
+
+
+def test_make_pair_crops_then_degrades():
+    scan = Scan.from_spatial(np.ones((9, 10, 11)), _affine())
+    lr, hr = make_pair(scan, DegradeParams("thick", 4, "box"))
+    assert hr.spatial_shape == (9, 10, 8) and lr.spatial_shape == (9, 10, 2)
+    np.testing.assert_array_equal(hr.affine, scan.affine)
+    with pytest.raises(MedsightError, match="smaller than the scale"):
+        make_pair(Scan.from_spatial(np.ones((9, 10, 3))), DegradeParams("thick", 4, "box"))

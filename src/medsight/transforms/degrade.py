@@ -58,6 +58,10 @@ __all__ = [
     "decimated_axes",
     "degrade",
     "downsample_geometry",
+    "from_planes",
+    "make_pair",
+    "plane_axes",
+    "to_planes",
     "upsample_geometry",
 ]
 
@@ -220,3 +224,47 @@ class RandomDegrade:
 
     def __call__(self, scan: Scan, rng: np.random.Generator) -> Scan:
         return degrade(scan, self.sample(rng))
+
+
+def make_pair(scan: Scan, params: DegradeParams) -> tuple[Scan, Scan]:
+    """``(low, high)``: the scan cropped to a multiple of the scale (same affine) and its degradation."""
+    axes = decimated_axes(scan.ndim, params.mode, params.slice_axis)
+    high = crop_to_multiple(scan, params.scale, axes)
+    if any(high.spatial_shape[a] == 0 for a in axes):
+        raise MedsightError(
+            f"the scan ({scan.spatial_shape}) is smaller than the scale {params.scale} along an axis it shrinks",
+            scan.path,
+        )
+    return degrade(high, params), high
+
+
+def plane_axes(ndim: int, mode: str, slice_axis: int = -1) -> tuple[int | None, int, int]:
+    """``(stack, row, col)`` spatial axes of the 2D images the SR network works on.
+
+    ``inplane``: the slices (rows/columns are the in-plane axes, stacked along the slice axis; a 2D
+    scan is one image). ``thick``: rows are the slice axis (the one to upsample), columns the second
+    in-plane axis, stacked along the first in-plane axis.
+    """
+    if ndim == 2:
+        if mode == "thick":
+            decimated_axes(ndim, mode)  # raises the one-line error
+        return None, 0, 1
+    s = slice_axis % 3
+    first, second = (a for a in range(3) if a != s)
+    return (s, first, second) if mode == "inplane" else (first, s, second)
+
+
+def to_planes(array: np.ndarray, mode: str, slice_axis: int = -1) -> np.ndarray:
+    """``(C, *spatial)`` -> ``(N, C, rows, cols)`` images for the network (see :func:`plane_axes`)."""
+    stack, row, col = plane_axes(array.ndim - 1, mode, slice_axis)
+    if stack is None:
+        return array[None]
+    return np.transpose(array, (stack + 1, 0, row + 1, col + 1))
+
+
+def from_planes(planes: np.ndarray, ndim: int, mode: str, slice_axis: int = -1) -> np.ndarray:
+    """Inverse of :func:`to_planes`: ``(N, C, rows, cols)`` -> ``(C, *spatial)`` with ``ndim`` spatial axes."""
+    stack, row, col = plane_axes(ndim, mode, slice_axis)
+    if stack is None:
+        return planes[0]
+    return np.transpose(planes, np.argsort([stack + 1, 0, row + 1, col + 1]))
