@@ -8,7 +8,17 @@ import time
 import pytest
 import torch
 
-from medsight.models.caption import BOS, EOS, PAD, UNK, CaptionNet, Vocabulary, bleu4, token_accuracy
+from medsight.models.caption import (
+    BOS,
+    EOS,
+    PAD,
+    UNK,
+    CaptionNet,
+    Vocabulary,
+    bleu4,
+    caption_scores,
+    token_accuracy,
+)
 
 
 def test_vocabulary_round_trip_and_unknown_words():
@@ -94,3 +104,8 @@ def test_caption_net_overfits_four_pictures_and_decodes_them_exactly(single_thre
     decoded = [vocab.decode(ids) for ids in net.greedy(imgs)]
     assert decoded == sentences
     assert bleu4([[s] for s in sentences], decoded) == pytest.approx(1.0)
+    assert caption_scores(net, vocab, imgs, sentences, batch_size=3) == {"token_accuracy": 1.0, "bleu4": 1.0}
+    assert net.training  # caption_scores restores the mode
+    rebuilt = CaptionNet(**net.config)
+    rebuilt.load_state_dict(net.state_dict())
+    assert [vocab.decode(ids) for ids in rebuilt.greedy(imgs)] == sentences

@@ -69,6 +69,9 @@ def test_semantic_branch_starts_as_the_plain_network_and_then_uses_the_map():
     assert s.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="semantic map"):
         sem(x)
+    rebuilt = build_sr_network(**sem.config)
+    rebuilt.load_state_dict(sem.state_dict())
+    torch.testing.assert_close(rebuilt.eval()(x, s), sem(x, s))
 
 
 def test_parameter_budget_for_one_channel():

@@ -33,7 +33,7 @@ SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 _TOKEN = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*|[^\sa-z0-9]")
 _NO_SPACE_BEFORE = set(",.;:!?)")
 
-__all__ = ["CaptionEncoder", "CaptionNet", "Vocabulary", "bleu4", "token_accuracy"]
+__all__ = ["CaptionEncoder", "CaptionNet", "Vocabulary", "bleu4", "caption_scores", "token_accuracy"]
 
 
 class Vocabulary:
@@ -135,6 +135,15 @@ class CaptionNet(nn.Module):
         hidden: int = 128,
     ):
         super().__init__()
+        # what a checkpoint stores to rebuild the same network: CaptionNet(**net.config)
+        self.config = {
+            "vocab_size": vocab_size,
+            "in_channels": in_channels,
+            "width": width,
+            "feature_channels": feature_channels,
+            "embed": embed,
+            "hidden": hidden,
+        }
         self.encoder = CaptionEncoder(in_channels, width, feature_channels)
         self.summary = nn.Linear(feature_channels * self.GRID * self.GRID, hidden)
         self.init_state = nn.Linear(hidden, hidden)
@@ -182,6 +191,32 @@ def token_accuracy(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = PA
     if not keep.any():
         return float("nan")
     return float((logits.argmax(dim=-1) == targets)[keep].float().mean())
+
+
+@torch.no_grad()
+def caption_scores(
+    net: CaptionNet, vocab: Vocabulary, images: torch.Tensor, sentences: Sequence[str], batch_size: int = 16
+) -> dict[str, float]:
+    """Held-out caption quality: teacher-forced ``token_accuracy`` and ``bleu4`` of the greedy captions.
+
+    Token accuracy is pooled over every non-pad target word of the set (not averaged per batch).
+    """
+    was_training = net.training
+    net.eval()
+    correct = total = 0
+    decoded: list[str] = []
+    try:
+        for start in range(0, len(sentences), batch_size):
+            x = images[start : start + batch_size]
+            tokens = vocab.batch(sentences[start : start + batch_size]).to(x.device)
+            _, logits = net.loss(x, tokens)
+            keep = tokens[:, 1:] != PAD
+            correct += int((logits.argmax(dim=-1) == tokens[:, 1:])[keep].sum())
+            total += int(keep.sum())
+            decoded += [vocab.decode(ids) for ids in net.greedy(x)]
+    finally:
+        net.train(was_training)
+    return {"token_accuracy": correct / total, "bleu4": bleu4([[s] for s in sentences], decoded)}
 
 
 def _ngrams(tokens: Sequence[str], n: int) -> Counter:

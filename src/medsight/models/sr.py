@@ -188,7 +188,10 @@ def build_sr_network(
     fuse_at = kwargs.get("fuse_at")
     if fuse_at is not None and any(not 0 <= int(i) < blocks for i in fuse_at):
         raise MedsightError(f"fuse_at indices must lie in 0..{blocks - 1}, got {list(fuse_at)}")
-    return SRNetwork(in_channels, scale, mode, semantic=method == "semantic", **kwargs)
+    net = SRNetwork(in_channels, scale, mode, semantic=method == "semantic", **kwargs)
+    # what a checkpoint stores to rebuild the same network: build_sr_network(**net.config)
+    net.config = {"in_channels": in_channels, "scale": scale, "mode": mode, "method": method, **kwargs}
+    return net
 
 
 class SemanticSR(nn.Module):
