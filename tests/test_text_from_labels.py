@@ -74,3 +74,11 @@ def test_picture_words_and_tercile_bins():
 def test_multichannel_label_map_is_refused():
     with pytest.raises(MedsightError, match="one channel"):
         describe_labels(Scan(np.zeros((2, 4, 4))), NAMES)
+
+
+def test_one_slice_of_a_volume_kept_3d_uses_patient_words():
+    # an axial slice passed as a 3D scan with one slice keeps its affine, hence RAS words
+    vol = _ras_phantom()
+    one = Scan(vol.array[:, :, :, 9:10], vol.affine.copy())
+    one.affine[:3, 3] += 9 * vol.affine[:3, 2]  # slice 9 becomes voxel 0: origin moves with it
+    assert describe_labels(one, NAMES) == "the anterior hippocampus lies on the right side; one piece"

@@ -9,7 +9,8 @@ For every named label value the sentence states only what the label map shows:
   ``+y`` anterior, ``-y`` posterior, ``+z`` superior, ``-z`` inferior. An axis gets a word only when the
   offset exceeds ``tolerance`` (default 10 %) of the image's world extent along it; otherwise the
   structure is central along that axis. 2D scans are pictures: rows give *upper* (low row index) /
-  *lower*, columns the viewer's *left* / *right*;
+  *lower*, columns the viewer's *left* / *right*. To describe one slice of a volume in the
+  patient's words, pass it as a 3D scan with a single slice and its affine;
 - **how large**: volume (mm^3, 3D) or area (mm^2, 2D; pixels when the spacing is 1) binned as
   *small* / *medium-sized* / *large* with per-structure thresholds the caller states, typically the
   terciles of that structure's size over the training set (:func:`tercile_bins`); without
