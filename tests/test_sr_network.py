@@ -182,3 +182,14 @@ def test_structure_keeps_its_world_position_through_degrade_network_and_geometry
 
     np.testing.assert_allclose(sr.affine, hr.affine)
     np.testing.assert_allclose(centroid(sr), centroid(hr), atol=0.05)
+
+
+def test_set_temperature_reaches_every_dynamic_conv():
+    from medsight.models.blocks import DynamicConv2d
+
+    net = build_sr_network(1, 2, "inplane", "plain", features=8, blocks=3)
+    net.set_temperature(1.5)
+    temps = [m.temperature for m in net.modules() if isinstance(m, DynamicConv2d)]
+    assert temps == [1.5, 1.5, 1.5]
+    with pytest.raises(ValueError):
+        net.set_temperature(0.0)

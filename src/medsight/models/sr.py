@@ -130,6 +130,18 @@ class SRNetwork(nn.Module):
         self.fuse_at = tuple(range(blocks)) if fuse_at is None else tuple(int(i) for i in fuse_at)
         self.semantic = SemanticBranch(semantic_channels, features, len(self.fuse_at)) if semantic else None
 
+    def set_temperature(self, temperature: float) -> None:
+        """Softmax temperature of every dynamic convolution's kernel attention.
+
+        Chen et al. anneal it from 30 (near-uniform mixing, all kernels learn) to 1 over the first
+        epochs; the training task calls this once per epoch.
+        """
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        for module in self.modules():
+            if isinstance(module, DynamicConv2d):
+                module.temperature = float(temperature)
+
     def interpolate(self, x: torch.Tensor) -> torch.Tensor:
         """The baseline the network corrects: ``bicubic``/``bilinear`` on the upsampled axes."""
         factor = (self.scale, self.scale) if self.mode == "inplane" else (self.scale, 1)
