@@ -101,3 +101,8 @@ def test_gradients_reach_every_parameter(module):
     assert x.grad is not None and x.grad.abs().sum() > 0
     for name, p in module.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_dynamic_conv_refuses_even_kernels():
+    with pytest.raises(ValueError, match="odd kernel_size"):
+        DynamicConv2d(2, 2, kernel_size=4)

@@ -220,8 +220,11 @@ class DynamicConv2d(nn.Module):
         bias: bool = True,
     ):
         super().__init__()
-        if kernels < 1 or temperature <= 0:
-            raise ValueError(f"need kernels >= 1 and temperature > 0, got {kernels} and {temperature}")
+        if kernels < 1 or temperature <= 0 or kernel_size % 2 == 0:
+            raise ValueError(
+                f"need kernels >= 1, temperature > 0 and an odd kernel_size ('same' padding), "
+                f"got {kernels}, {temperature} and {kernel_size}"
+            )
         self.in_ch, self.out_ch, self.kernel_size, self.kernels = in_ch, out_ch, kernel_size, kernels
         self.temperature = float(temperature)
         self.weight = nn.Parameter(torch.empty(kernels, out_ch, in_ch, kernel_size, kernel_size))

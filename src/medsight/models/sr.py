@@ -25,7 +25,8 @@ Layout (all convolutions run on the low-resolution grid; only the upsampler leav
 - **Global residual**: the network adds its output to the interpolated input (``bicubic`` or
   ``bilinear``, ``align_corners=False``), so it learns the detail interpolation misses. Pixel
   shuffle and this interpolation agree on geometry: LR pixel ``i`` is the centre of HR pixels
-  ``i*r .. i*r + r - 1``, as :mod:`medsight.transforms.degrade` builds the pairs.
+  ``i*r .. i*r + r - 1``, as :mod:`medsight.transforms.degrade` builds the pairs. (PyTorch's bicubic
+  kernel, ``a = -0.75``, does not reproduce a linear ramp exactly; bilinear does.)
 """
 
 from __future__ import annotations
