@@ -263,12 +263,49 @@ def test_dicom_seg_refuses_a_mask_on_another_grid(tmp_path):
 
 # -- progress ---------------------------------------------------------------------------------------------
 def test_long_dicom_read_shows_progress_only_on_a_terminal(tmp_path, monkeypatch, capsys):
-    from medsight.io import dicom
+    from medsight import progress
 
     write_series(tmp_path / "s", np.zeros((6, 4, 4)))
-    monkeypatch.setattr(dicom, "PROGRESS_MIN_ITEMS", 5)
+    monkeypatch.setattr(progress, "LONG_WORK", 5)  # 6 files count as long here
     io.read(tmp_path / "s")
     assert "reading DICOM" not in capsys.readouterr().err  # captured stderr is not a terminal
     monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
     io.read(tmp_path / "s")
     assert "reading DICOM" in capsys.readouterr().err
+    monkeypatch.setenv("MEDSIGHT_PROGRESS", "0")
+    io.read(tmp_path / "s")
+    assert "reading DICOM" not in capsys.readouterr().err
+    monkeypatch.setattr(progress, "LONG_WORK", 6)  # 6 files is not long
+    monkeypatch.delenv("MEDSIGHT_PROGRESS")
+    io.read(tmp_path / "s")
+    assert "reading DICOM" not in capsys.readouterr().err
+
+
+def test_long_slice_wise_predict_shows_progress_on_a_terminal(monkeypatch, capsys):
+    from medsight import progress
+    from medsight.engine.infer import slice_probabilities
+
+    def forward(x):  # two classes, the first always wins
+        return np.stack([np.ones_like(x[:, 0]), np.zeros_like(x[:, 0])], axis=1)
+
+    image = np.zeros((1, 8, 8, 12), np.float32)  # 12 slices
+    monkeypatch.setattr(progress, "LONG_WORK", 10)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    probs = slice_probabilities(forward, image, slices=1, batch=4)
+    assert probs.shape == (2, 8, 8, 12)
+    assert "segmenting 12 slices" in capsys.readouterr().err
+    monkeypatch.setattr(progress, "LONG_WORK", 12)
+    slice_probabilities(forward, image, slices=1, batch=4)
+    assert "segmenting" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape,patch", [((96, 80, 40), (32, 32, 16)), ((20, 64, 64), (32, 32, 32))])
+def test_window_count_matches_monai(shape, patch):
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    from medsight.engine.infer import _windows
+
+    padded = tuple(max(s, p) for s, p in zip(shape, patch, strict=True))  # MONAI pads up to the patch first
+    interval = _get_scan_interval(padded, patch, 3, (0.25,) * 3)
+    assert _windows(shape, patch, 0.25) == len(dense_patch_slices(padded, patch, interval))

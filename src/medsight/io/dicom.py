@@ -9,17 +9,16 @@ Voxel axes are (column, row, slice), as in ITK and NIfTI.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from medsight import progress
 from medsight.errors import MedsightError
 from medsight.scan import Scan
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-PROGRESS_MIN_ITEMS = 50
 
 
 @dataclass
@@ -110,20 +109,11 @@ def _compact(volume: np.ndarray, stored: np.dtype) -> np.ndarray:
     return volume.astype(np.float64 if max(-low, high) > 2**24 else np.float32)
 
 
-def _progress(items: list, description: str) -> Iterable:
-    """A progress bar on stderr for long reads (over PROGRESS_MIN_ITEMS files), only on a terminal."""
-    if len(items) <= PROGRESS_MIN_ITEMS:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=description, unit="file", disable=None, leave=False)  # None: off unless a TTY
-
-
 def _read_files(files: list[Path], where: Path) -> Scan:
     import pydicom
 
     datasets = []
-    for f in _progress(files, "reading DICOM"):
+    for f in progress.bar(files, len(files), "reading DICOM", unit="file"):
         try:
             datasets.append((f, pydicom.dcmread(str(f))))
         except Exception as exc:
