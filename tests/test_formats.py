@@ -246,6 +246,13 @@ def test_dicom_seg_references_the_series_and_matches_the_mask(tmp_path):
         frames = seg.get_pixels_by_source_instance([uid], segment_numbers=[1, 2])[0]
         assert np.array_equal(frames[..., 0], labelled[k] == 1)
         assert np.array_equal(frames[..., 1], labelled[k] == 2)
+    # the SEG's own geometry (highdicom, LPS) puts each segment where medsight's mask has it
+    volume = seg.get_volume(combine_segments=True)
+    for value in (1, 2):
+        seg_voxels = np.argwhere(np.asarray(volume.array) == value)
+        seg_world = seg_voxels @ volume.affine[:3, :3].T + volume.affine[:3, 3]
+        mask_world = mask.voxel_to_world(np.argwhere(mask.array[0] == value)) * FLIP
+        assert np.allclose(np.sort(seg_world, axis=0), np.sort(mask_world, axis=0), atol=1e-4)
 
 
 def test_dicom_seg_refuses_a_mask_on_another_grid(tmp_path):

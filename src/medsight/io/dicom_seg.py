@@ -9,12 +9,13 @@ writes for a DICOM input).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from medsight.errors import MedsightError
-from medsight.io.atomic import atomic_path
+from medsight.io.atomic import atomic_path, check_writable
 from medsight.scan import Scan
 
 GEOMETRY_TOLERANCE_MM = 1e-2
@@ -67,12 +68,7 @@ def write_dicom_seg(
     ``labels`` maps label value -> segment name (0, the background, is not a segment); values in the
     mask without a name are written as ``label <value>``.
     """
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
-    import medsight
-
-    path = Path(path)
+    path = check_writable(path, overwrite)
     if mask.ndim != 3 or mask.channels != 1:
         raise MedsightError("DICOM SEG needs a 3D mask with one channel of label values", path)
     source, datasets = _source_series(Path(source_series_dir), mask.meta.get("SeriesInstanceUID"))
@@ -84,33 +80,52 @@ def write_dicom_seg(
             f"(shape {list(source.spatial_shape)}); DICOM SEG frames must match the source slices",
             path,
         )
+    if "FrameOfReferenceUID" not in datasets[0]:
+        raise MedsightError(
+            "the source series has no FrameOfReferenceUID, which DICOM SEG requires", Path(source_series_dir)
+        )
     values = np.asarray(mask.array[0])
-    present = sorted(int(v) for v in np.unique(values) if v != 0)
-    segment_values = sorted(set(present) | {int(v) for v in labels if int(v) != 0})
-    if not segment_values:
+    segments = sorted({int(v) for v in np.unique(values) if v != 0} | {int(v) for v in labels if int(v) != 0})
+    if not segments:
         raise MedsightError("the checkpoint names no foreground label to write as a segment", path)
     # frames in source-file order: (frames, rows, cols, segments); the mask is (cols, rows, slices)
     frames = np.stack([values[:, :, _frame_index(mask, ds, path)].T for ds in datasets])
-    one_hot = np.stack([frames == v for v in segment_values], axis=-1).astype(np.uint8)
+    one_hot = np.stack([frames == v for v in segments], axis=-1).astype(np.uint8)
+    names = [str(labels.get(v, f"label {v}"))[:64] for v in segments]  # LO: at most 64 characters
+    with warnings.catch_warnings():
+        # highdicom warns about source values it copies as they are (a one-part PatientName such as
+        # an anonymised "PGBM-001"): they are the source's, not something to fix here
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            seg = _segmentation(datasets, one_hot, names)
+        except ValueError as exc:  # highdicom's checks of the source headers
+            raise MedsightError(f"cannot make a DICOM SEG from this series: {exc}", path) from exc
+    with atomic_path(path, overwrite) as tmp:
+        seg.save_as(str(tmp))
+    return path
+
+
+def _segmentation(datasets: list, one_hot: np.ndarray, names: list[str]):
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    import medsight
+
     algorithm = hd.AlgorithmIdentificationSequence(
         name="medsight", version=medsight.__version__, family=codes.cid7162.ArtificialIntelligence
     )
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
-            segment_label=str(labels.get(value, f"label {value}"))[:64],
+            segment_label=name,
             segmented_property_category=codes.SCT.Tissue,
             segmented_property_type=codes.SCT.Tissue,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
         )
-        for number, value in enumerate(segment_values, start=1)
+        for number, name in enumerate(names, start=1)
     ]
-    if "FrameOfReferenceUID" not in datasets[0]:
-        raise MedsightError(
-            "the source series has no FrameOfReferenceUID, which DICOM SEG requires", Path(source_series_dir)
-        )
-    seg = hd.seg.Segmentation(
+    return hd.seg.Segmentation(
         source_images=datasets,
         pixel_array=one_hot,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -126,6 +141,3 @@ def write_dicom_seg(
         series_description="medsight segmentation",
         omit_empty_frames=False,
     )
-    with atomic_path(path, overwrite) as tmp:
-        seg.save_as(str(tmp))
-    return path
