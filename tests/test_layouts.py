@@ -211,3 +211,19 @@ def test_case_folders_layout_is_still_detected_beside_the_new_ones(tmp_path, mak
     assert detect_layout(tmp_path / "cf") == "case-folders"
     maker(tmp_path / "other")
     assert detect_layout(tmp_path / "other") != "case-folders"
+
+
+def test_drive_test_split_without_manual_keeps_its_fov_masks_out_of_the_labels(tmp_path):
+    make_drive(tmp_path / "DRIVE")
+    shutil.rmtree(tmp_path / "DRIVE/test/1st_manual")
+    ds = open_dataset(tmp_path / "DRIVE")
+    assert ds.case("01_test").label is None and ds.case("21_training").label is not None
+    assert ds.extra["fov_masks"]["test/01_test"].endswith("test/mask/01_test_mask.gif")
+    assert fingerprint(ds, progress=False)["problems"] == []  # a test case needs no label
+
+
+def test_bids_channels_and_label_can_be_named(tmp_path):
+    make_bids(tmp_path / "bids")
+    ds = open_dataset(tmp_path / "bids", image_names="T1w", label_name="label-brain_mask")
+    assert ds.layout == "bids" and ds.channel_names == ["T1w"]
+    assert ds.case("sub-03").label.name == "sub-03_label-brain_mask.nii.gz"

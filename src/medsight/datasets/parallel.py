@@ -52,30 +52,30 @@ def _child(folder: Path, names: tuple[str, ...]) -> Path | None:
     return next((by_name[n] for n in names if n in by_name), None)
 
 
-def _folders(base: Path) -> tuple[Path, Path, Path | None] | None:
-    """(images, labels, field-of-view) folders directly in ``base``, or None."""
-    images = _child(base, IMAGE_FOLDERS)
-    if images is None or not _scan_files(images):
-        return None
-    label = _child(base, LABEL_FOLDERS)
-    if label is None:
-        return None
-    fov = _child(base, FOV_FOLDERS)
-    return images, label, fov if fov not in (None, label) else None
+def _image_folder(base: Path) -> Path | None:
+    folder = _child(base, IMAGE_FOLDERS)
+    return folder if folder is not None and _scan_files(folder) else None
 
 
-def _groups(root: Path) -> list[tuple[str | None, tuple[Path, Path, Path | None]]]:
+def _groups(root: Path) -> list[tuple[str | None, tuple[Path, Path | None, Path | None]]]:
+    """(split, (images, labels, field of view)) at the root or per split folder. The label folder is
+    the preferred name found in any split, so a test split without annotations has no label folder
+    (rather than its field-of-view masks being taken for labels)."""
     if not root.is_dir():
         return []
-    here = _folders(root)
-    if here:
-        return [(None, here)]
-    found = []
-    for child in split_folders(root):
-        folders = _folders(child)
-        if folders:
-            found.append((normalise_split(child.name), folders))
-    return found
+    candidates = [(None, root)] + [(normalise_split(c.name), c) for c in split_folders(root)]
+    bases = [(split, base, images) for split, base in candidates if (images := _image_folder(base))]
+    if bases and bases[0][0] is None:  # images/ at the root: its subfolders are not splits
+        bases = bases[:1]
+    present = {p.name.lower() for _, base, _ in bases for p in base.iterdir() if p.is_dir()}
+    label_name = next((name for name in LABEL_FOLDERS if name in present), None)
+    if label_name is None:
+        return []
+    fov_names = tuple(n for n in FOV_FOLDERS if n != label_name)
+    return [
+        (split, (images, _child(base, (label_name,)), _child(base, fov_names)))
+        for split, base, images in bases
+    ]
 
 
 def is_parallel_folders(root: Path) -> bool:
@@ -102,10 +102,11 @@ def open_parallel_folders(root: Path, labels=None, modality=None, label_mapping=
     cases: list[Case] = []
     fov_masks: dict[str, str] = {}
     for split, (images, label_dir, fov_dir) in _groups(root):
-        label_files, fov_files = _scan_files(label_dir), _scan_files(fov_dir) if fov_dir else []
+        label_files = _scan_files(label_dir) if label_dir else []
+        fov_files = _scan_files(fov_dir) if fov_dir else []
         for image in _scan_files(images):
             label = _partner(image, label_files)
-            if label is None:  # named as its image: the fingerprint reports it missing
+            if label is None and label_dir:  # named as its image: the fingerprint reports it missing
                 label = label_dir / image.name
             case = Case(_stem(image.name), [image], label, None, split)
             cases.append(case)
