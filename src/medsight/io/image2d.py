@@ -2,8 +2,9 @@
 LZW/deflate/JPEG-compressed TIFF such as DRIVE's; 16-bit colour PNG through pypng).
 
 The array is (C, rows, cols): grey gives one channel, RGB three (an opaque alpha channel is
-dropped). Palette images (GIF, palette PNG) keep their indices, because label maps are often stored
-that way. Pillow turns 16-bit colour PNG into 8 bits (55255 -> 215), so those are read and written
+dropped). Palette images keep their indices, because label maps are often stored that way; a GIF
+whose palette is all greys is a grey picture stored the only way GIF can (DRIVE's 0/255 masks) and
+gives those greys. Pillow turns 16-bit colour PNG into 8 bits (55255 -> 215), so those are read and written
 with pypng, which keeps every bit. Pixel spacing is 1 unless a TIFF says otherwise.
 """
 
