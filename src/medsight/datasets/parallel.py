@@ -4,7 +4,7 @@
 root or in each split folder (``training/``, ``test/``...). Label folders are named for manual
 annotation (``1st_manual``, ``manual``, ``labels``, ``groundtruth``, ``gt``, ``annotations``,
 ``segmentations``) or ``masks``/``mask``. When both kinds exist, as in DRIVE, ``mask/`` is the
-field-of-view mask (the camera's disc), not a label: it is kept per case in ``extra["fov_masks"]``.
+field-of-view mask (the camera's disc), not a label: it is kept in ``extra["fov_masks"]`` (case id -> file).
 A second annotator's folder (``2nd_manual``) is ignored.
 
 Files pair by name: the same stem, the stem plus ``_mask``/``_label``/``_seg`` (or a ``mask_``
@@ -100,7 +100,7 @@ def _partner(image: Path, candidates: list[Path]) -> Path | None:
 
 def open_parallel_folders(root: Path, labels=None, modality=None, label_mapping=None) -> Dataset:
     cases: list[Case] = []
-    fov_masks: dict[str, str] = {}
+    fovs: list[Path | None] = []
     for split, (images, label_dir, fov_dir) in _groups(root):
         label_files = _scan_files(label_dir) if label_dir else []
         fov_files = _scan_files(fov_dir) if fov_dir else []
@@ -108,12 +108,10 @@ def open_parallel_folders(root: Path, labels=None, modality=None, label_mapping=
             label = _partner(image, label_files)
             if label is None and label_dir:  # named as its image: the fingerprint reports it missing
                 label = label_dir / image.name
-            case = Case(_stem(image.name), [image], label, None, split)
-            cases.append(case)
-            fov = _partner(image, fov_files)
-            if fov is not None:
-                fov_masks[f"{split}/{case.case_id}" if split else case.case_id] = str(fov)
+            cases.append(Case(_stem(image.name), [image], label, None, split))
+            fovs.append(_partner(image, fov_files))
     _make_ids_unique(cases)
+    fov_masks = {case.case_id: str(fov) for case, fov in zip(cases, fovs, strict=True) if fov is not None}
     first = cases[0].images[0] if cases else None
     dim = dim_from_suffix(first) if first else 2
     if label_mapping is None:
