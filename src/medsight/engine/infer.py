@@ -6,11 +6,13 @@ model and its ONNX export (onnxruntime).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from medsight import progress
 from medsight.engine import checkpoint
 from medsight.engine.preprocess import Preprocessing
 from medsight.engine.sampling import from_working, pad_to, round_up, stack, to_working
@@ -31,7 +33,7 @@ def slice_probabilities(forward: Forward, image: np.ndarray, slices: int, batch:
     h, w, depth = image.shape[1:]
     padded = (round_up(h), round_up(w))
     out = None
-    for start in range(0, depth, batch):
+    for start in progress.bar(range(0, depth, batch), depth, f"segmenting {depth} slices", unit="batch"):
         idx = range(start, min(depth, start + batch))
         x = np.stack([pad_to(stack(image, s, slices), padded) for s in idx]).astype(np.float32)
         p = softmax(forward(x))[:, :, :h, :w]  # (b, K, H, W)
@@ -39,6 +41,15 @@ def slice_probabilities(forward: Forward, image: np.ndarray, slices: int, batch:
             out = np.zeros((p.shape[1], h, w, depth), np.float32)
         out[..., start : start + len(idx)] = np.moveaxis(p, 0, -1)
     return out
+
+
+def _windows(shape, patch, overlap: float) -> int:
+    """How many windows MONAI's sliding window visits (its scan interval is patch * (1 - overlap))."""
+    steps = [
+        1 if size <= p else math.ceil((size - p) / max(int(p * (1 - overlap)), 1)) + 1
+        for size, p in zip(shape, patch, strict=True)
+    ]
+    return math.prod(steps)
 
 
 def volume_probabilities(forward: Forward, image: np.ndarray, patch: tuple[int, ...]) -> np.ndarray:
@@ -57,6 +68,7 @@ def volume_probabilities(forward: Forward, image: np.ndarray, patch: tuple[int, 
             predictor,
             overlap=0.25,
             mode="gaussian",
+            progress=progress.wanted(_windows(image.shape[1:], patch, 0.25)),
         )
     return softmax(logits.numpy(), axis=1)[0]
 

@@ -32,7 +32,10 @@ FORMATS: dict[str, Format] = {
         Format("nifti", (".nii", ".nii.gz"), "nifti", True),
         Format("dicom", (".dcm",), "dicom", False),  # a folder is read as DICOM too
         Format("nrrd", (".nrrd", ".nhdr"), "nrrd", True),
-        Format("image", (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"), "image2d", True),
+        Format("image", (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".gif"), "image2d", True),
+        Format("metaimage", (".mha",), "metaimage", True),
+        # a .mhd header names a separate data file, which a write-then-rename would orphan: read only
+        Format("metaimage-header", (".mhd",), "metaimage", False),
         Format("numpy", (".npy", ".npz"), "numpy_io", True),
     )
 }
