@@ -35,9 +35,7 @@ def train(
         Path("runs/train"), "-o", "--out", help="Run folder: checkpoints, metrics.csv, curve."
     ),
     epochs: int = typer.Option(20, min=1),
-    steps_per_epoch: int = typer.Option(
-        50, "--steps-per-epoch", "--iters-per-epoch", min=1, help="Optimiser steps per epoch."
-    ),
+    steps_per_epoch: int = typer.Option(50, min=1, help="Optimiser steps per epoch."),
     batch_size: int = typer.Option(None, min=1, help="Samples per step (default: planned from the data)."),
     patch_size: str = typer.Option(
         None, help="Patch (3D: X,Y,Z) or slice window (2D/2.5D: H,W), e.g. 64,64 (default: planned)."
@@ -148,7 +146,12 @@ def predict(
     from medsight.engine.infer import Predictor
 
     predictor = Predictor(
-        model, backend="onnx" if onnx else "torch", onnx_path=onnx, tta=tta, device=device, precision=precision
+        model,
+        backend="onnx" if onnx else "torch",
+        onnx_path=onnx,
+        tta=tta,
+        device=device,
+        precision=precision,
     )
     scans = _expand(inputs)
 

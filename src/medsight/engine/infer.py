@@ -176,7 +176,10 @@ class Predictor:
             autocast = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(self.precision)
 
             def forward(x: np.ndarray) -> np.ndarray:
-                with torch.no_grad(), torch.autocast(self.device.type, autocast, enabled=autocast is not None):
+                with (
+                    torch.no_grad(),
+                    torch.autocast(self.device.type, autocast, enabled=autocast is not None),
+                ):
                     return self.model(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
 
             self.forward = forward

@@ -350,7 +350,9 @@ class MedsightTask(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         # Torch's own stream (dropout) seeded per epoch too, so a resumed run matches an unbroken one.
-        torch.manual_seed(int(np.random.default_rng([self.cfg.seed, self.global_rank, self.current_epoch]).integers(2**31)))
+        torch.manual_seed(
+            int(np.random.default_rng([self.cfg.seed, self.global_rank, self.current_epoch]).integers(2**31))
+        )
         self._losses = []
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -406,7 +408,9 @@ class _RunFiles(Callback):
         self.stop_reason = ""
 
     def payload(self, trainer, task) -> dict[str, Any]:
-        average = next((c for c in trainer.callbacks if isinstance(c, L.pytorch.callbacks.WeightAveraging)), None)
+        average = next(
+            (c for c in trainer.callbacks if isinstance(c, L.pytorch.callbacks.WeightAveraging)), None
+        )
         training = {
             "epoch": task.current_epoch,
             "history": task.history,
@@ -418,7 +422,12 @@ class _RunFiles(Callback):
             scored = average._average_model.module.model
             training["weights"] = task.model.state_dict()  # the trained weights, besides their average
             training["average_updates"] = int(average._average_model.n_averaged)
-        return {"task": task.name, **task.checkpoint_payload(), "state_dict": scored.state_dict(), "training": training}
+        return {
+            "task": task.name,
+            **task.checkpoint_payload(),
+            "state_dict": scored.state_dict(),
+            "training": training,
+        }
 
     def on_train_epoch_end(self, trainer, task) -> None:
         if not task.history or task.history[-1]["epoch"] != task.current_epoch + 1:
@@ -428,7 +437,9 @@ class _RunFiles(Callback):
             save_epoch(self.out, payload, task.history, task.last_score, task.improved, self.cfg.progress)
 
     def on_train_end(self, trainer, task) -> None:
-        stopper = next((c for c in trainer.callbacks if isinstance(c, L.pytorch.callbacks.EarlyStopping)), None)
+        stopper = next(
+            (c for c in trainer.callbacks if isinstance(c, L.pytorch.callbacks.EarlyStopping)), None
+        )
         if stopper is not None and stopper.wait_count >= stopper.patience:
             self.stop_reason = f"no better validation score for {self.cfg.patience} epochs"
         elif self.cfg.time_limit and task.elapsed_now() >= 60 * self.cfg.time_limit:
@@ -440,9 +451,18 @@ class _RunFiles(Callback):
 
             payload = checkpoint.load(self.out / "last.pt")
             payload["training"]["stopped"] = self.stop_reason
-            checkpoint.save(self.out / "last.pt", {k: v for k, v in payload.items() if k not in ("format", "medsight_version")})
-        if self.cfg.progress and trainer.is_global_zero and self.stop_reason and "epochs are done" not in self.stop_reason:
+            checkpoint.save(
+                self.out / "last.pt",
+                {k: v for k, v in payload.items() if k not in ("format", "medsight_version")},
+            )
+        if (
+            self.cfg.progress
+            and trainer.is_global_zero
+            and self.stop_reason
+            and "epochs are done" not in self.stop_reason
+        ):
             print(f"stopped after epoch {len(task.history)}: {self.stop_reason}")
+
 
 # -- fit ---------------------------------------------------------------------------------------------
 def open_run(task: MedsightTask, cfg: LoopConfig) -> tuple[Path, dict[str, Any] | None]:
@@ -470,7 +490,13 @@ def open_run(task: MedsightTask, cfg: LoopConfig) -> tuple[Path, dict[str, Any] 
 def build_trainer(cfg: LoopConfig, out: Path, device: torch.device) -> L.Trainer:
     from datetime import timedelta
 
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Timer, TQDMProgressBar, WeightAveraging
+    from lightning.pytorch.callbacks import (
+        EarlyStopping,
+        ModelCheckpoint,
+        Timer,
+        TQDMProgressBar,
+        WeightAveraging,
+    )
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banner about absent TPUs
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -482,7 +508,12 @@ def build_trainer(cfg: LoopConfig, out: Path, device: torch.device) -> L.Trainer
         _Clock(),
         EarlyStopping("val_score", mode="max", patience=cfg.patience, check_finite=False, verbose=False),
         ModelCheckpoint(
-            out / LIGHTNING_DIR, filename="best", monitor="val_score", mode="max", save_last=True, save_top_k=1
+            out / LIGHTNING_DIR,
+            filename="best",
+            monitor="val_score",
+            mode="max",
+            save_last=True,
+            save_top_k=1,
         ),
         _RunFiles(out, cfg),
     ]
@@ -524,7 +555,9 @@ def fit(task: MedsightTask, cfg: LoopConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg, out, device)
     if saved is not None and rank == 0:
-        print(f"resuming after epoch {len(saved['training']['history'])} (best score so far {saved['training']['best']:.4f})")
+        print(
+            f"resuming after epoch {len(saved['training']['history'])} (best score so far {saved['training']['best']:.4f})"
+        )
     try:
         trainer.fit(task, ckpt_path=str(out / LIGHTNING_DIR / "last.ckpt") if saved is not None else None)
     except SystemExit:

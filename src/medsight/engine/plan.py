@@ -50,7 +50,9 @@ def plan(
         patch = [min(round_up(n), MAX_PATCH[kind]) for a, n in enumerate(biggest) if a != facts["slice_axis"]]
     if patch_size:
         if len(patch_size) != len(patch) or min(patch_size) < 1:
-            raise MedsightError(f"--patch-size needs {len(patch)} positive sizes for a {kind} method, not {patch_size}")
+            raise MedsightError(
+                f"--patch-size needs {len(patch)} positive sizes for a {kind} method, not {patch_size}"
+            )
         patch = [round_up(int(n)) for n in patch_size]
     per_sample = float(np.prod(patch)) * ACTIVATION_BYTES_PER_VOXEL / 2**20
     planned = int(np.clip(memory_budget // per_sample, MIN_BATCH, MAX_BATCH))

@@ -39,7 +39,9 @@ TASKS: dict[str, Task] = {}
 
 def register_task(name, module_class, predictor_factory, cli_register=None, what="", command="") -> Task:
     """Register a task under ``name`` (the ``task`` its checkpoints record)."""
-    task = Task(name, module_class, predictor_factory, cli_register, what or name, command or "medsight predict")
+    task = Task(
+        name, module_class, predictor_factory, cli_register, what or name, command or "medsight predict"
+    )
     TASKS[name] = task
     return task
 
@@ -72,7 +74,9 @@ def task_of(payload: dict[str, Any]) -> str:
 
 def get_task(name: str, path: str | Path | None = None) -> Task:
     if name not in TASKS:
-        raise MedsightError(f"was written by the unknown task '{name}'; choose one of {', '.join(TASKS)}", path)
+        raise MedsightError(
+            f"was written by the unknown task '{name}'; choose one of {', '.join(TASKS)}", path
+        )
     return TASKS[name]
 
 

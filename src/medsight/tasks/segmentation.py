@@ -100,7 +100,11 @@ def prepare_data(cfg: SegmentationConfig, slice_wise: bool, progress: bool = Tru
     labels = {v: dataset.labels.get(v, f"label_{v}") for v in values}
     lut = _label_lookup(values)
     pre = Preprocessing.fit(
-        [i for i, _ in train_pairs], [lab for _, lab in train_pairs], dataset.modality, slice_wise, cfg.slice_axis
+        [i for i, _ in train_pairs],
+        [lab for _, lab in train_pairs],
+        dataset.modality,
+        slice_wise,
+        cfg.slice_axis,
     )
 
     def apply(pairs):
@@ -145,7 +149,9 @@ class SegmentationTask(MedsightTask):
         if cfg.augmentation not in LEVELS:
             raise MedsightError(f"augmentation must be one of {', '.join(LEVELS)}, not {cfg.augmentation!r}")
         if self.kind == "2.5d" and (cfg.slices < 1 or cfg.slices % 2 == 0):
-            raise MedsightError(f"slices must be odd (the centre slice is the one segmented), not {cfg.slices}")
+            raise MedsightError(
+                f"slices must be odd (the centre slice is the one segmented), not {cfg.slices}"
+            )
         self.slices = cfg.slices if self.kind == "2.5d" else 1
 
     def model_name(self) -> str:
@@ -171,7 +177,9 @@ class SegmentationTask(MedsightTask):
             self.model_kwargs["slices"] = self.slices
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.method, **self.model_kwargs)
-        weights = class_weights([y for _, y in data["train"]], n_classes) if cfg.class_weights == "auto" else None
+        weights = (
+            class_weights([y for _, y in data["train"]], n_classes) if cfg.class_weights == "auto" else None
+        )
         self.loss_fn = WeightedCEDiceLoss(n_classes, class_weights=weights)
         work = data["train"]
         if self.kind != "3d":  # slice-wise samplers want the slice axis last
@@ -181,7 +189,9 @@ class SegmentationTask(MedsightTask):
             [x for x, _ in work], [y for _, y in work], self.kind, patch, self.slices, None,
             mirror_axes=cfg.mirror_axes, slice_axis=pre.slice_axis,
         )  # fmt: skip
-        self.data = Shared({**data, "sampler": sampler, "augmenter": Augmenter(self.kind, cfg.augmentation, patch)})
+        self.data = Shared(
+            {**data, "sampler": sampler, "augmenter": Augmenter(self.kind, cfg.augmentation, patch)}
+        )
         self.pre = pre
 
     def make_batch(self, rng: np.random.Generator):
@@ -209,7 +219,9 @@ class SegmentationTask(MedsightTask):
 
         x, y = case
         patch = self.plan["patch"]
-        pred = np.argmax(probabilities(self._forward, x, self.kind, self.slices, patch, self.pre.slice_axis), axis=0)
+        pred = np.argmax(
+            probabilities(self._forward, x, self.kind, self.slices, patch, self.pre.slice_axis), axis=0
+        )
         self._scores.append(dice_per_class(pred, y, len(self.labels)))
 
     def on_validation_epoch_end(self) -> None:
@@ -222,7 +234,12 @@ class SegmentationTask(MedsightTask):
     def checkpoint_payload(self) -> dict[str, Any]:
         data = self.data.value
         return {
-            "model": {"name": self.cfg.method, "kind": self.kind, "slices": self.slices, "kwargs": self.model_kwargs},
+            "model": {
+                "name": self.cfg.method,
+                "kind": self.kind,
+                "slices": self.slices,
+                "kwargs": self.model_kwargs,
+            },
             "labels": {int(k): v for k, v in self.labels.items()},
             "preprocessing": self.pre.to_dict(),
             "patch": list(self.plan["patch"]),
