@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import warnings
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Checkpoint
 
 from medsight.errors import MedsightError
 
@@ -240,16 +241,17 @@ def save_epoch(
 
 # -- batches -----------------------------------------------------------------------------------------
 class _StepIndices(torch.utils.data.Sampler):
-    """(epoch, step) for each step of the current epoch; Lightning calls ``set_epoch`` before each."""
+    """(epoch, step) for each step of the current epoch, the epoch asked of the trainer's count of
+    processed epochs when an epoch's iteration starts. Not ``set_epoch``: on resuming, Lightning
+    creates the first epoch's iterator before it calls that (and before ``current_epoch`` is
+    restored), which would replay epoch 0's batches."""
 
-    def __init__(self, steps: int):
-        self.steps, self.epoch = steps, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, steps: int, epoch_of):
+        self.steps, self.epoch_of = steps, epoch_of
 
     def __iter__(self):
-        return iter([(self.epoch, step) for step in range(self.steps)])
+        epoch = int(self.epoch_of())
+        return iter([(epoch, step) for step in range(self.steps)])
 
     def __len__(self) -> int:
         return self.steps
@@ -329,7 +331,9 @@ class MedsightTask(L.LightningModule):
         batches = _SeededBatches(self.make_batch, self.cfg.seed, self.global_rank)
         return torch.utils.data.DataLoader(
             batches,
-            sampler=_StepIndices(self.cfg.steps_per_epoch),
+            sampler=_StepIndices(
+                self.cfg.steps_per_epoch, lambda: self.trainer.fit_loop.epoch_progress.current.processed
+            ),
             batch_size=None,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
@@ -399,9 +403,10 @@ class _Clock(Callback):
         task.elapsed = float(trainer.strategy.broadcast(task.elapsed_now(), src=0))
 
 
-class _RunFiles(Callback):
-    """Writes our self-describing best.pt/last.pt, metrics.csv and the curve after each epoch
-    (after Lightning's .ckpt, so a resumable state exists for every last.pt)."""
+class _RunFiles(Checkpoint):
+    """Writes our self-describing best.pt/last.pt, metrics.csv and the curve after each epoch.
+    A ``Checkpoint`` so that Lightning runs it after its ModelCheckpoint (both save at the end of
+    the training epoch): a resumable .ckpt exists for every last.pt."""
 
     def __init__(self, out: Path, cfg: LoopConfig):
         self.out, self.cfg = out, cfg
@@ -553,6 +558,8 @@ def fit(task: MedsightTask, cfg: LoopConfig) -> dict[str, Any]:
     task.prepare()
     if rank == 0:  # made only now, so a run refused over its data or options leaves no folder behind
         out.mkdir(parents=True, exist_ok=True)
+        if saved is None:  # a new run: Lightning would version its files beside a previous run's
+            shutil.rmtree(out / LIGHTNING_DIR, ignore_errors=True)
     trainer = build_trainer(cfg, out, device)
     if saved is not None and rank == 0:
         print(
