@@ -572,3 +572,27 @@ def test_plan_by_hand():
     assert plan(facts, "3d", patch_size=[30, 32, 32])["patch"] == [32, 32, 32]
     with pytest.raises(MedsightError, match="--patch-size needs 2"):
         plan(facts, "2d", patch_size=[32, 32, 32])
+
+
+@pytest.mark.slow
+def test_worker_processes_draw_the_same_batches(phantom, tmp_path):
+    """Each batch comes from its own stream seeded by (seed, rank, epoch, step), so sampling in two
+    DataLoader worker processes trains exactly as sampling in the main process."""
+    runs = [
+        train(
+            TrainConfig(
+                method="unet2d",
+                data=str(phantom),
+                out=str(tmp_path / f"w{w}"),
+                num_workers=w,
+                **{**TINY, "steps_per_epoch": 3},
+            )
+        )  # fmt: skip
+        for w in (0, 2)
+    ]
+    first, second = (checkpoint.load(s["last"]) for s in runs)
+    assert [r["train_loss"] for r in first["training"]["history"]] == [
+        r["train_loss"] for r in second["training"]["history"]
+    ]
+    for key, value in first["state_dict"].items():
+        assert torch.equal(value, second["state_dict"][key]), key

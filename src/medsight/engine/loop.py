@@ -26,7 +26,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, Checkpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, TQDMProgressBar
 
 from medsight.errors import MedsightError
 
@@ -232,10 +232,11 @@ def save_epoch(
     write_text(out / "metrics.csv", pd.DataFrame(history).to_csv(index=False), overwrite=True)
     plot_curves(history, out / "training_curve.png", overwrite=True)
     if progress:
-        loss = history[-1]["train_loss"]
-        print(
-            f"epoch {len(history)}: loss {loss:.4f}  val score {dice:.4f}{'  *best*' if improved else ''}",
-            flush=True,
+        from tqdm import tqdm
+
+        loss = history[-1]["train_loss"]  # tqdm.write: a line of its own above any progress bar
+        tqdm.write(
+            f"epoch {len(history)}: loss {loss:.4f}  val score {dice:.4f}{'  *best*' if improved else ''}"
         )
 
 
@@ -366,7 +367,7 @@ class MedsightTask(L.LightningModule):
     def record_epoch(self, score: float, metrics: dict[str, float]) -> None:
         """Call at the end of validation: logs ``val_score`` (higher is better; early stopping and
         the best checkpoint follow it) and appends the epoch to the history."""
-        self.log("val_score", float(score), prog_bar=True, sync_dist=False)
+        self.log("val_score", float(score), prog_bar=True, sync_dist=True)
         if self.trainer.sanity_checking:
             return
         lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else self.cfg.lr
@@ -396,6 +397,14 @@ class MedsightTask(L.LightningModule):
 
 
 # -- callbacks ---------------------------------------------------------------------------------------
+class _Bar(TQDMProgressBar):
+    """Lightning's bar, with epochs counted from 1 as in metrics.csv and the epoch lines."""
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+
 class _Clock(Callback):
     """Shares the training time at each epoch start (rank 0's) for the budget-aware learning rate."""
 
@@ -499,7 +508,6 @@ def build_trainer(cfg: LoopConfig, out: Path, device: torch.device) -> L.Trainer
         EarlyStopping,
         ModelCheckpoint,
         Timer,
-        TQDMProgressBar,
         WeightAveraging,
     )
 
@@ -525,7 +533,7 @@ def build_trainer(cfg: LoopConfig, out: Path, device: torch.device) -> L.Trainer
     if cfg.ema_decay > 0:
         callbacks.append(WeightAveraging(use_buffers=True, multi_avg_fn=average_update(cfg.ema_decay)))
     if cfg.progress:
-        callbacks.append(TQDMProgressBar(leave=False))
+        callbacks.append(_Bar(leave=False))
     return L.Trainer(
         **trainer_devices(device),
         precision=resolve_precision(cfg.precision, device),
