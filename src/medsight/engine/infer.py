@@ -121,15 +121,21 @@ class Predictor:
         backend: str = "torch",
         onnx_path: str | Path | None = None,
         tta: bool = False,
+        device: str = "auto",
+        precision: str = "auto",
     ):
+        from medsight.engine.loop import resolve_device, resolve_precision
+        from medsight.tasks.registry import get_task, task_of
+
+        self.device = resolve_device(device) if backend == "torch" else None
+        self.precision = resolve_precision(precision, self.device) if self.device is not None else "32-true"
         payload = checkpoint.load(ckpt_path)
         self.path = Path(ckpt_path)
-        trainer = checkpoint.trainer_of(payload)
-        if trainer != "engine":
-            what, command = checkpoint.OTHER_TRAINERS[trainer]
+        task = get_task(task_of(payload), ckpt_path)
+        if task.name != "segmentation":
             raise MedsightError(
-                f"is {what} ({payload['model']['name']}), not a unet2d/context25d/unet3d checkpoint; "
-                f"segment with `{command}` instead",
+                f"is {task.what} ({payload['model']['name']}), not a unet2d/context25d/unet3d checkpoint; "
+                f"segment with `{task.command}` instead",
                 ckpt_path,
             )
         # Test-time mirroring only along the axes the model was trained to see mirrored: along any
@@ -178,11 +184,15 @@ class Predictor:
 
             self.model = build_model(self.model_info["name"], **self.model_info["kwargs"])
             checkpoint.load_weights(self.model, payload, self.path)
-            self.model.eval()
+            self.model.eval().to(self.device)
+            autocast = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(self.precision)
 
             def forward(x: np.ndarray) -> np.ndarray:
-                with torch.no_grad():
-                    return self.model(torch.from_numpy(x)).numpy()
+                with (
+                    torch.no_grad(),
+                    torch.autocast(self.device.type, autocast, enabled=autocast is not None),
+                ):
+                    return self.model(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
 
             self.forward = forward
 
