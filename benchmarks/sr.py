@@ -37,10 +37,10 @@ SHARED = ROOT.parent / "shared" / "data"
 CONFIGS = ("interpolation", "plain", "semantic", "semantic-shuffled")
 SETTINGS = {
     # name: (dataset, mode, scale, sr epochs, steps per epoch, caption epochs, caption steps, crop)
-    "hippocampus/inplane-x2": ("hippocampus", "inplane", 2, 10, 50, 6, 40, 32),
-    "hippocampus/thick-x4": ("hippocampus", "thick", 4, 10, 50, 6, 40, 32),
-    "monuseg/inplane-x4": ("monuseg", "inplane", 4, 10, 40, 5, 40, 64),
-    "brats/inplane-x4": ("brats", "inplane", 4, 6, 40, 3, 40, 64),
+    "hippocampus/inplane-x2": ("hippocampus", "inplane", 2, 6, 40, 4, 30, 32),
+    "hippocampus/thick-x4": ("hippocampus", "thick", 4, 6, 40, 4, 30, 32),
+    "monuseg/inplane-x4": ("monuseg", "inplane", 4, 6, 30, 3, 30, 64),
+    "brats/inplane-x4": ("brats", "inplane", 4, 4, 30, 2, 30, 64),
 }
 QUICK = {"phantom/inplane-x2": ("phantom", "inplane", 2, 2, 10, 2, 10, 32)}
 
@@ -53,12 +53,12 @@ def locked(path: Path):
         yield
 
 
-def brats_view(runs: Path) -> Path:
+def brats_view(runs: Path, shared: Path) -> Path:
     """FLAIR + tumour labels of the four BraTS cases as an MSD dataset of symlinks (3 train, 1 val)."""
     out = runs / "brats-flair"
     for sub in ("imagesTr", "labelsTr"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    cases = sorted(p for p in (SHARED / "brats2015").glob("*/*") if p.is_dir())
+    cases = sorted(p for p in (shared / "brats2015").glob("*/*") if p.is_dir())
     for case in cases:
         for sub, name in (("imagesTr", "Flair_subtrMeanDivStd"), ("labelsTr", "OTMultiClass")):
             link = out / sub / f"{case.name}.nii.gz"
@@ -74,14 +74,14 @@ def brats_view(runs: Path) -> Path:
     return out
 
 
-def dataset_of(name: str, runs: Path) -> Path:
+def dataset_of(name: str, runs: Path, shared: Path) -> Path:
     if name == "phantom":
         from medsight.datasets.phantom import write_phantom_dataset
 
         return write_phantom_dataset(runs / "phantom", 5, dim=3, seed=0, overwrite=True)
     if name == "brats":
-        return brats_view(runs)
-    return SHARED / name
+        return brats_view(runs, shared)
+    return shared / name
 
 
 def foreground(dataset, case, image, label) -> np.ndarray:
@@ -227,7 +227,7 @@ def task_dice(data: Path, outputs: dict, pairs, runs: Path, args) -> dict:
 
 def run_setting(name: str, setting: tuple, args) -> dict:
     runs = args.runs / name.replace("/", "-")
-    data = dataset_of(setting[0], args.runs)
+    data = dataset_of(setting[0], args.runs, args.shared)
     pairs = val_pairs(data, setting[1], setting[2], args.val_fraction(data))
     results, outputs = {}, {}
     results["interpolation"], outputs["interpolation"] = evaluate_interpolation(pairs, setting[1], setting[2])
@@ -289,11 +289,12 @@ def table(results: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--shared", type=Path, default=SHARED, help="the shared data folder")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "benchmark-sr")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seg-epochs", type=int, default=6)
-    parser.add_argument("--seg-steps", type=int, default=40)
+    parser.add_argument("--seg-epochs", type=int, default=5)
+    parser.add_argument("--seg-steps", type=int, default=30)
     parser.add_argument("--task-setting", default="hippocampus/thick-x4")
     parser.add_argument("--quick", action="store_true", help="a 3D phantom, tiny budgets")
     parser.add_argument("--quiet", action="store_true")
