@@ -415,7 +415,9 @@ def _image_case_metrics(pred, ref, pred_path: Path, mask=None) -> dict[str, floa
         out = image_metrics(p, r, channel_axis=channel_axis)
         if mask is not None:
             if mask.spatial_shape != ref.spatial_shape:
-                raise ValueError(f"mask shape {list(mask.spatial_shape)} differs from {list(ref.spatial_shape)}")
+                raise ValueError(
+                    f"mask shape {list(mask.spatial_shape)} differs from {list(ref.spatial_shape)}"
+                )
             data_range = float(np.max(r) - np.min(r))
             out |= masked_image_metrics(p, r, mask.array[0] > 0, data_range, channel_axis=channel_axis)
         return out

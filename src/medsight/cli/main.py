@@ -31,7 +31,6 @@ app = typer.Typer(
 
 def _register_all() -> None:
     from medsight.cli import data, evaluate, fewshot, phantom, scans, segment, textseg
-
     from medsight.tasks.registry import TASKS
 
     done = set()

@@ -24,13 +24,17 @@ def train(
         "inplane", "--mode", help="inplane (coarse matrix, slice-wise) or thick (thick slices, 3D only)."
     ),
     method: str = typer.Option("semantic", "--method", help="semantic (caption step first) or plain."),
-    out: Path = typer.Option(Path("runs/sr"), "-o", "--out", help="Run folder (the caption run goes in caption/)."),
+    out: Path = typer.Option(
+        Path("runs/sr"), "-o", "--out", help="Run folder (the caption run goes in caption/)."
+    ),
     profile: str = typer.Option(
-        None, help="Degradation: gaussian (default), box or kspace in-plane; box (default), gaussian, triangular thick."
+        None,
+        help="Degradation: gaussian (default), box or kspace in-plane; box (default), gaussian, triangular thick.",
     ),
     slice_axis: int = typer.Option(2, min=0, max=2, help="Voxel axis of the slices of 3D volumes."),
     sentences: str = typer.Option(
-        "auto", help="auto, dataset (the dataset's text) or labels (sentences derived from the expert labels)."
+        "auto",
+        help="auto, dataset (the dataset's text) or labels (sentences derived from the expert labels).",
     ),
     shuffle_sentences: bool = typer.Option(
         False, help="Control: permute the sentences between training images before the caption net trains."
@@ -40,7 +44,9 @@ def train(
     ),
     caption_epochs: int = typer.Option(10, min=1, help="Epochs of the caption step."),
     caption_steps: int = typer.Option(50, min=1, help="Steps per epoch of the caption step."),
-    caption_size: int = typer.Option(64, min=16, help="The caption net sees each slice resized to this square."),
+    caption_size: int = typer.Option(
+        64, min=16, help="The caption net sees each slice resized to this square."
+    ),
     crop: int = typer.Option(64, min=4, help="High-resolution training crop (pixels)."),
     features: int = typer.Option(32, min=4, help="Feature channels of the SR network."),
     blocks: int = typer.Option(4, min=1, help="Distillation blocks of the SR network."),
@@ -53,8 +59,12 @@ def train(
     lr: float = typer.Option(2e-3),
     seed: int = typer.Option(0, help="Seeds the split, the weights and the sampling: same seed, same run."),
     patience: int = typer.Option(10, help="Stop after this many epochs without a better validation PSNR."),
-    time_limit: float = typer.Option(None, help="Training budget in minutes; stops after the epoch that passes it."),
-    ema_decay: float = typer.Option(0.999, help="Validate and keep a moving average of the weights (0: off)."),
+    time_limit: float = typer.Option(
+        None, help="Training budget in minutes; stops after the epoch that passes it."
+    ),
+    ema_decay: float = typer.Option(
+        0.999, help="Validate and keep a moving average of the weights (0: off)."
+    ),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", help="auto (mixed on CUDA, 32 on CPU), 32, 16-mixed, bf16-mixed."),
     layout: str = typer.Option(None, help="Force a dataset layout instead of detecting it."),
@@ -81,14 +91,19 @@ def train(
 
 @sr_app.command("predict")
 def predict(
-    scan: Path = typer.Argument(..., help="Low-resolution scan: NIfTI, DICOM folder, PNG..., 1 or 3 channels."),
+    scan: Path = typer.Argument(
+        ..., help="Low-resolution scan: NIfTI, DICOM folder, PNG..., 1 or 3 channels."
+    ),
     model: Path = typer.Option(..., "--model", "-m", help="Checkpoint written by `medsight sr train`."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output file on the fine grid (any format medsight writes)."),
+    out: Path = typer.Option(
+        ..., "-o", "--out", help="Output file on the fine grid (any format medsight writes)."
+    ),
     slice_axis: int = typer.Option(
         None, min=0, max=2, help="Voxel axis of the slices (default: the one the model was trained with)."
     ),
     reference: Path = typer.Option(
-        None, help="High-resolution reference: also write <out>_compare.png and .html (interpolated | SR | reference)."
+        None,
+        help="High-resolution reference: also write <out>_compare.png and .html (interpolated | SR | reference).",
     ),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps."),
     overwrite: bool = typer.Option(False, help="Replace the output if it exists."),

@@ -27,7 +27,11 @@ def _cut(arr: np.ndarray, index: int | None, window: tuple[slice, slice]) -> np.
     thick-slice blur shows), cropped to ``window``."""
     plane = arr if index is None else arr[:, :, index]
     plane = plane[(slice(None),) + window]
-    return np.rot90(np.moveaxis(plane, 0, -1)).squeeze(-1) if plane.shape[0] == 1 else np.rot90(np.moveaxis(plane, 0, -1))
+    return (
+        np.rot90(np.moveaxis(plane, 0, -1)).squeeze(-1)
+        if plane.shape[0] == 1
+        else np.rot90(np.moveaxis(plane, 0, -1))
+    )
 
 
 def _view(high: Scan, mask: np.ndarray | None) -> tuple[int | None, tuple[slice, slice]]:
@@ -59,7 +63,9 @@ def comparison_png(
     lo, hi = np.percentile(ref, (0.5, 99.5))
     shown = {"low-res": _on_grid(low, high.spatial_shape), **{k: v.array for k, v in panels.items()}}
     shown["high-res"] = ref
-    errors = {k: np.abs(v.astype(np.float32) - ref) for k, v in shown.items() if k not in ("low-res", "high-res")}
+    errors = {
+        k: np.abs(v.astype(np.float32) - ref) for k, v in shown.items() if k not in ("low-res", "high-res")
+    }
     emax = max((float(np.percentile(e, 99.5)) for e in errors.values()), default=1.0) or 1.0
     fig, axes = plt.subplots(2, len(shown), figsize=(2.4 * len(shown), 5.0), squeeze=False)
     for col, (name, arr) in enumerate(shown.items()):
@@ -83,7 +89,9 @@ def comparison_png(
     return path
 
 
-def compare_report(low: Scan, outputs: dict[str, Scan], high: Scan, predictor, out: str | Path, overwrite=False):
+def compare_report(
+    low: Scan, outputs: dict[str, Scan], high: Scan, predictor, out: str | Path, overwrite=False
+):
     """``<out>_compare.png`` and ``<out>_compare.html`` for `medsight sr predict --reference`: the
     interpolation and the outputs against the reference, with PSNR/SSIM over the image."""
     from medsight.errors import MedsightError
@@ -109,8 +117,14 @@ def compare_report(low: Scan, outputs: dict[str, Scan], high: Scan, predictor, o
     rows = []
     for name, scan in panels.items():
         pred = scan.array.astype(np.float64) if channel == 0 else scan.array[0].astype(np.float64)
-        m = image_metrics(pred, ref, data_range=float(ref.max() - ref.min()) or 1.0, channel_axis=channel)
-        rows.append(f"<tr><td>{html.escape(name)}</td><td>{m['psnr']:.2f}</td><td>{m['ssim']:.4f}</td></tr>")
+        data_range = float(ref.max() - ref.min()) or 1.0
+        mse = float(np.mean((pred - ref) ** 2))
+        psnr = f"{10 * np.log10(data_range**2 / mse):.2f}" if mse > 0 else "inf"
+        try:
+            ssim = f"{image_metrics(pred, ref, data_range=data_range, channel_axis=channel)['ssim']:.4f}"
+        except ValueError:  # smaller than SSIM's window along an axis
+            ssim = "n/a"
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{psnr}</td><td>{ssim}</td></tr>")
     comparison_png(low, panels, high, png, title=stem)
     body = (
         f"<html><head><meta charset='utf-8'><title>{html.escape(stem)}: super-resolution</title></head><body>"

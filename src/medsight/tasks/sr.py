@@ -117,7 +117,9 @@ def read_cases(cfg: CaptionConfig, progress: bool) -> dict[str, Any]:
     params = check_options(cfg)
     dataset = open_dataset(cfg.data, cfg.layout)
     if cfg.mode == "thick" and dataset.dim != 3:
-        raise MedsightError("--mode thick needs 3D volumes; this dataset is 2D (use --mode inplane)", cfg.data)
+        raise MedsightError(
+            "--mode thick needs 3D volumes; this dataset is 2D (use --mode inplane)", cfg.data
+        )
     split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
     train_ids, val_ids = split_dataset(dataset, cfg.val_fraction, split_seed)
     if not train_ids or not val_ids:
@@ -130,7 +132,9 @@ def read_cases(cfg: CaptionConfig, progress: bool) -> dict[str, Any]:
             image, label = dataset.load_case(case)
             axes = dg.decimated_axes(image.ndim, cfg.mode, cfg.slice_axis)
             if any(image.spatial_shape[a] < 2 * cfg.scale for a in axes):
-                raise MedsightError(f"too small for scale {cfg.scale}: {list(image.spatial_shape)}", image.path)
+                raise MedsightError(
+                    f"too small for scale {cfg.scale}: {list(image.spatial_shape)}", image.path
+                )
             image = dg.crop_to_multiple(image, cfg.scale, axes)
             label = None if label is None else dg.crop_to_multiple(label, cfg.scale, axes)
             x, _ = normalise(image.array)
@@ -152,7 +156,9 @@ def _slab(label: Scan, axis: int, index: int) -> Scan:
     return Scan(label.array[tuple(take)], affine, {}, label.path)
 
 
-def slice_sentences(cases: list[dict], cfg: CaptionConfig, names: dict[int, str], bins=None) -> list[list[str]]:
+def slice_sentences(
+    cases: list[dict], cfg: CaptionConfig, names: dict[int, str], bins=None
+) -> list[list[str]]:
     """One sentence per plane of each case (see the module docstring); ``bins`` from the training set."""
     from medsight.text_from_labels import describe_labels
 
@@ -221,7 +227,9 @@ class CaptionTask(MedsightTask):
         if source == "dataset":
             missing = [c["id"] for c in data["train"] + data["val"] if not c["text"]]
             if missing:
-                raise MedsightError(f"--sentences dataset: cases without text: {', '.join(missing[:5])}", cfg.data)
+                raise MedsightError(
+                    f"--sentences dataset: cases without text: {', '.join(missing[:5])}", cfg.data
+                )
             per_case = {p: [[c["text"]] * _n_planes(c, cfg) for c in data[p]] for p in ("train", "val")}
         else:
             names = {v: n for v, n in data["labels"].items() if v} or {1: "foreground"}
@@ -232,7 +240,9 @@ class CaptionTask(MedsightTask):
         if cfg.shuffle_sentences:
             order = np.random.default_rng(cfg.seed).permutation(len(sentences["train"]))
             sentences["train"] = [sentences["train"][i] for i in order]
-        keep = np.linspace(0, len(sentences["val"]) - 1, min(MAX_CAPTION_VAL, len(sentences["val"]))).astype(int)
+        keep = np.linspace(0, len(sentences["val"]) - 1, min(MAX_CAPTION_VAL, len(sentences["val"]))).astype(
+            int
+        )
         val = (images["val"][keep], [sentences["val"][i] for i in keep])
         self.vocab = Vocabulary.build(sentences["train"])
         self.source, self.scores = source, {}
@@ -288,7 +298,9 @@ class CaptionTask(MedsightTask):
 def caption_config(cfg: SRConfig) -> CaptionConfig:
     """The caption run inside an SR run: ``<out>/caption``, the SR run's data and shared options."""
     shared = {f.name: getattr(cfg, f.name) for f in fields(CaptionConfig)}
-    shared.update(out=str(Path(cfg.out) / "caption"), epochs=cfg.caption_epochs, steps_per_epoch=cfg.caption_steps)
+    shared.update(
+        out=str(Path(cfg.out) / "caption"), epochs=cfg.caption_epochs, steps_per_epoch=cfg.caption_steps
+    )
     shared.update(batch_size=16, patience=max(cfg.patience, cfg.caption_epochs), time_limit=None)
     return CaptionConfig(**shared)
 
@@ -308,7 +320,9 @@ def sr_planes(case: dict, params: dg.DegradeParams) -> tuple[np.ndarray, np.ndar
     low = dg.degrade(case["hr"], params)
     mode, axis = params.mode, params.slice_axis
     to = dg.to_planes
-    return np.ascontiguousarray(to(low.array, mode, axis)), np.ascontiguousarray(to(case["hr"].array, mode, axis))
+    return np.ascontiguousarray(to(low.array, mode, axis)), np.ascontiguousarray(
+        to(case["hr"].array, mode, axis)
+    )
 
 
 def build_network(config: dict, caption: dict | None, finetune: bool):
@@ -505,7 +519,9 @@ class SRPredictor:
         task = task_of(payload)
         if task != "sr":
             other = get_task(task, path)
-            raise MedsightError(f"is {other.what} (use `{other.command}`), not a super-resolution model", path)
+            raise MedsightError(
+                f"is {other.what} (use `{other.command}`), not a super-resolution model", path
+            )
         self.path, self.payload = Path(path), payload
         sr = payload["sr"]
         self.mode, self.scale = sr["mode"], int(sr["scale"])
