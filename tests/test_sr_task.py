@@ -274,3 +274,27 @@ def test_semantic_run_records_its_caption_step_and_resumes(phantom3d, tmp_path, 
     assert code in (0, None) and "nothing to resume" in out, err
     code, _, err = cli(*args("3"), "--resume")
     assert code == 2 and "was started with other options (--epochs)" in one_error(err)
+
+
+@pytest.mark.slow
+def test_benchmark_quick_mode_writes_every_key(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sr.py"
+    spec = importlib.util.spec_from_file_location("benchmark_sr", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(
+        ["--quick", "--quiet", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")]
+    )
+    setting = results["results"]["phantom/inplane-x2"]
+    for config in ("interpolation", "plain", "semantic", "semantic-shuffled"):
+        keys = {"psnr", "ssim", "psnr_fg", "ssim_fg", "seconds_per_volume", "params", "task_dice"}
+        assert keys <= set(setting[config]), config
+    assert (
+        setting["semantic"]["caption"]["shuffled"] is False
+        and setting["semantic-shuffled"]["caption"]["shuffled"]
+    )
+    assert (tmp_path / "out" / "figures" / "sr-phantom-inplane-x2.png").stat().st_size > 0
+    assert "| phantom/inplane-x2 | semantic |" in (tmp_path / "out" / "sr-quick.md").read_text()
