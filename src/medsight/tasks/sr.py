@@ -248,9 +248,7 @@ class CaptionTask(MedsightTask):
         self.source, self.scores = source, {}
         torch.manual_seed(cfg.seed)
         self.model = CaptionNet(len(self.vocab), in_channels=images["train"].shape[1])
-        self.data = Shared(
-            {"images": images["train"], "sentences": sentences["train"], "val": [val], "ids": data}
-        )
+        self.data = Shared({"images": images["train"], "sentences": sentences["train"], "val": [val]})
         self.split = {"train_ids": data["train_ids"], "val_ids": data["val_ids"]}
 
     def make_batch(self, rng: np.random.Generator):
