@@ -47,8 +47,9 @@ QUICK = {"phantom/inplane-x2": ("phantom", "inplane", 2, 2, 10, 2, 10, 32)}
 
 @contextmanager
 def locked(path: Path):
+    """An exclusive lock on ``path`` (a file in the runs folder) while the results file is updated."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
+    with open(path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -312,7 +313,7 @@ def main(argv=None) -> dict:
     path = args.out / f"{name}.json"
     for setting in args.settings.split(","):
         result = run_setting(setting, settings[setting], args)
-        with locked(path):
+        with locked(args.runs / f"{name}.lock"):
             results = json.loads(path.read_text()) if path.exists() else {}
             results.setdefault("results", {})[setting] = result
             results["notes"] = NOTES
