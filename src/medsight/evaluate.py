@@ -169,7 +169,7 @@ def image_metrics(
 # -- folders ----------------------------------------------------------------------------------
 def _case_files(folder: Path) -> dict[str, Path]:
     """Case id -> file (or DICOM folder) for every readable entry of ``folder``."""
-    from medsight.io import FORMATS, suffix_of
+    from medsight.io import FORMATS, case_name, suffix_of
 
     if not folder.is_dir():
         raise MedsightError("not a folder", folder)
@@ -183,7 +183,7 @@ def _case_files(folder: Path) -> dict[str, Path]:
                 continue
             case = entry.name
         elif suffix_of(entry) in known:
-            case = entry.name[: -len(suffix_of(entry))]
+            case = case_name(entry)
         else:
             continue
         if case in cases:

@@ -45,11 +45,9 @@ def split_support(tokens: list[str]) -> tuple[list[tuple[Path, Path]], list[Path
 
 
 def output_name(path: Path, ndim: int) -> str:
-    from medsight.io import suffix_of
+    from medsight.io import case_name
 
-    suffix = suffix_of(path) if path.is_file() else ""
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    return stem + (".png" if ndim == 2 else ".nii.gz")
+    return (case_name(path) if path.is_file() else path.name) + (".png" if ndim == 2 else ".nii.gz")
 
 
 def fewshot(

@@ -157,7 +157,7 @@ def predict(
     scans = _expand(inputs)
 
     def case(path: Path) -> str:
-        return path.name.split(".")[0] if path.is_file() else path.name
+        return io.case_name(path) if path.is_file() else path.name
 
     targets = output_paths(scans, out, lambda p: f"{case(p)}.nii.gz", overwrite)
     prob_targets = (

@@ -1,0 +1,136 @@
+"""Issue 24: inputs that used to give a wrong answer with exit 0, checkpoints that could run code,
+unwritable and interrupted outputs. Every test here failed before its fix."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medsight import Scan, io
+from medsight.errors import MedsightError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """``cli(*args) -> (exit code, stdout, stderr)`` through the real entry point."""
+    from medsight.cli.main import main
+
+    def run(*args) -> tuple[int, str, str]:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["medsight", *(str(a) for a in args)])
+        with pytest.raises(SystemExit) as stop:
+            main()
+        captured = capsys.readouterr()
+        return stop.value.code, captured.out, captured.err
+
+    return run
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("medsight: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err, err
+    return errors[0]
+
+
+# -- 5: names keep their dots ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "case"),
+    [
+        ("1.3.6.1.4.1.9328.50.4.0001.nii.gz", "1.3.6.1.4.1.9328.50.4.0001"),
+        ("sub-01_ses-1.5T.nii.gz", "sub-01_ses-1.5T"),
+        ("sub-01_ses-1.5T.nrrd", "sub-01_ses-1.5T"),
+        ("a.b.PNG", "a.b"),
+        ("scan.nii", "scan"),
+        ("series.1.2", "series.1.2"),  # a DICOM folder: no image suffix, nothing stripped
+    ],
+)
+def test_case_name_strips_only_image_suffixes(name, case):
+    assert io.case_name(Path("/x") / name) == case
+
+
+def test_dotted_names_pair_between_predict_outputs_and_evaluate(tmp_path):
+    from medsight.cli.fewshot import output_name
+    from medsight.evaluate import _case_files
+
+    query = tmp_path / "sub-01_ses-1.5T.nii.gz"
+    query.write_bytes(b"")
+    assert output_name(query, 3) == "sub-01_ses-1.5T.nii.gz"
+    for name in ("1.3.6.1.0001.nii.gz", "1.3.6.1.0002.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    assert set(_case_files(tmp_path)) == {"sub-01_ses-1.5T", "1.3.6.1.0001", "1.3.6.1.0002"}
+
+
+# -- 6: checkpoints cannot run code ---------------------------------------------------------------------
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_a_malicious_checkpoint_runs_nothing_and_is_refused_in_one_line(cli, tmp_path):
+    import torch
+
+    marker = tmp_path / "ran.txt"
+    ckpt = tmp_path / "evil.pt"
+    torch.save({"format": "medsight-checkpoint-1", "x": _Payload(marker)}, ckpt)
+    image = tmp_path / "img.nii.gz"
+    io.write(Scan(np.zeros((1, 4, 4, 4), np.float32)), image)
+    code, _, err = cli("predict", image, "--model", ckpt, "-o", tmp_path / "out")
+    assert code == 2 and not marker.exists()
+    line = error_line(err)
+    assert str(ckpt) in line and "cannot be loaded safely" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plain_pickle_checkpoint_runs_nothing(tmp_path):
+    from medsight.engine import checkpoint
+
+    marker = tmp_path / "ran.txt"
+    ckpt = tmp_path / "evil.pt"
+    ckpt.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(MedsightError):
+        checkpoint.load(ckpt)
+    assert not marker.exists()
+
+
+def test_checkpoint_metadata_round_trips_as_plain_types(tmp_path):
+    import torch
+
+    from medsight.engine import checkpoint
+
+    payload = {
+        "model": {"name": "unet2d", "kwargs": {"spacing": np.float64(0.5)}},
+        "state_dict": {"w": torch.ones(2)},
+        "labels": {0: "background"},
+        "preprocessing": {"mean": np.float32(1.5), "source": Path("/data/x"), "lut": np.arange(3)},
+    }
+    checkpoint.save(tmp_path / "c.pt", payload)
+    loaded = checkpoint.load(tmp_path / "c.pt")
+    assert loaded["preprocessing"]["mean"] == 1.5 and type(loaded["preprocessing"]["mean"]) is float
+    assert loaded["preprocessing"]["source"] == "/data/x"
+    assert np.array_equal(loaded["preprocessing"]["lut"], [0, 1, 2])
+    assert type(loaded["model"]["kwargs"]["spacing"]) is float
+
+
+def test_an_old_checkpoint_with_numpy_scalars_and_paths_still_loads(tmp_path):
+    import torch
+
+    from medsight.engine import checkpoint
+
+    old = {
+        "format": "medsight-checkpoint-1", "model": {"name": "unet2d"}, "state_dict": {},
+        "labels": {0: "bg"}, "preprocessing": {"mean": np.float32(2.0), "path": Path("/a")},
+    }  # fmt: skip
+    torch.save(old, tmp_path / "old.pt")  # as medsight saved before: no conversion
+    loaded = checkpoint.load(tmp_path / "old.pt")
+    assert float(loaded["preprocessing"]["mean"]) == 2.0
