@@ -134,3 +134,45 @@ def test_an_old_checkpoint_with_numpy_scalars_and_paths_still_loads(tmp_path):
     torch.save(old, tmp_path / "old.pt")  # as medsight saved before: no conversion
     loaded = checkpoint.load(tmp_path / "old.pt")
     assert float(loaded["preprocessing"]["mean"]) == 2.0
+
+
+# -- 2: a DICOM series with a missing slice -------------------------------------------------------------
+def _series_with_gap(folder: Path, drop: list[int], n: int = 25, step: float = 6.5, **kw) -> Path:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dicom_factory import write_series
+
+    volume = np.arange(n * 4 * 5).reshape(n, 4, 5) % 200
+    write_series(folder, volume, slice_step=step, shuffle_seed=None, **kw)  # file k holds slice k
+    for k in drop:
+        (folder / f"{k:04d}.dcm").unlink()
+    return folder
+
+
+def test_a_series_with_one_missing_slice_is_refused_naming_the_gap(cli, tmp_path):
+    series = _series_with_gap(tmp_path / "ct", drop=[11])
+    code, _, err = cli("info", series)
+    line = error_line(err)
+    assert code == 2 and str(series) in line
+    # slices 1..11 are k=0..10; the 12th is k=12, two steps (13 mm) further on
+    assert "slices 11 and 12" in line and "13 mm apart" in line and "6.5 mm" in line
+    assert "a slice is missing" in line
+
+
+def test_two_missing_slices_on_an_oblique_series_are_counted(tmp_path):
+    c, s = np.cos(0.3), np.sin(0.3)
+    series = _series_with_gap(tmp_path / "ob", drop=[4, 5], n=10, step=2.0, row_dir=(c, s, 0), col_dir=(0, 0, -1))
+    with pytest.raises(MedsightError, match=r"slices 4 and 5 .* 6 mm apart.* 2 mm: 2 slices are missing"):
+        io.read(series)
+
+
+def test_convert_refuses_the_gap_and_writes_nothing(cli, tmp_path):
+    series = _series_with_gap(tmp_path / "ct", drop=[3])
+    code, _, err = cli("convert", series, tmp_path / "ct.nii.gz")
+    assert code == 2 and "a slice is missing" in error_line(err)
+    assert not (tmp_path / "ct.nii.gz").exists()
+
+
+def test_an_evenly_spaced_series_with_rounded_positions_still_reads(tmp_path):
+    # positions written with 6 decimals of a 1/3 mm step: rounding noise far below the tolerance
+    series = _series_with_gap(tmp_path / "ok", drop=[], n=12, step=1 / 3)
+    assert io.read(series).spatial_shape == (5, 4, 12)
