@@ -160,7 +160,9 @@ def test_a_series_with_one_missing_slice_is_refused_naming_the_gap(cli, tmp_path
 
 def test_two_missing_slices_on_an_oblique_series_are_counted(tmp_path):
     c, s = np.cos(0.3), np.sin(0.3)
-    series = _series_with_gap(tmp_path / "ob", drop=[4, 5], n=10, step=2.0, row_dir=(c, s, 0), col_dir=(0, 0, -1))
+    series = _series_with_gap(
+        tmp_path / "ob", drop=[4, 5], n=10, step=2.0, row_dir=(c, s, 0), col_dir=(0, 0, -1)
+    )
     with pytest.raises(MedsightError, match=r"slices 4 and 5 .* 6 mm apart.* 2 mm: 2 slices are missing"):
         io.read(series)
 
@@ -176,3 +178,78 @@ def test_an_evenly_spaced_series_with_rounded_positions_still_reads(tmp_path):
     # positions written with 6 decimals of a 1/3 mm step: rounding noise far below the tolerance
     series = _series_with_gap(tmp_path / "ok", drop=[], n=12, step=1 / 3)
     assert io.read(series).spatial_shape == (5, 4, 12)
+
+
+# -- 1: NaN voxels ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def phantom3d(tmp_path_factory):
+    from medsight.datasets.phantom import write_phantom_dataset
+
+    return write_phantom_dataset(tmp_path_factory.mktemp("data3d") / "phantom", 3, dim=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def context25d(phantom3d, tmp_path_factory) -> Path:
+    from medsight.engine.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("ctx")
+    config = TrainConfig(
+        method="context25d", data=str(phantom3d), out=str(out), slices=3, epochs=1, iters_per_epoch=2,
+        batch_size=2, max_val_cases=1, progress=False,
+    )  # fmt: skip
+    return Path(train(config)["best"])
+
+
+def _with_nan(source: Path, target: Path, count: int = 300) -> Path:
+    scan = io.read(source)
+    array = scan.array.astype(np.float32)
+    array.flat[np.random.default_rng(0).choice(array.size, count, replace=False)] = np.nan
+    io.write(scan.with_array(array), target)
+    return target
+
+
+def test_predict_fills_nan_voxels_warns_with_the_count_and_still_segments(
+    cli, context25d, phantom3d, tmp_path
+):
+    source = phantom3d / "imagesTr" / "phantom_000.nii.gz"
+    nan_scan = _with_nan(source, tmp_path / "in" / "nan.nii.gz")
+    # the expectation, built by hand: the same voxels set to the scan's lowest finite value
+    array = io.read(nan_scan).array
+    filled = np.where(np.isfinite(array), array, np.nanmin(array))
+    io.write(io.read(nan_scan).with_array(filled), tmp_path / "in2" / "nan.nii.gz")
+    with pytest.warns(UserWarning, match=f"{nan_scan}: 300 non-finite voxels"):
+        code, _, err = cli("predict", nan_scan, "--model", context25d, "-o", tmp_path / "a")
+    assert code in (0, None), err
+    cli("predict", tmp_path / "in2" / "nan.nii.gz", "--model", context25d, "-o", tmp_path / "b")
+    got = io.read(tmp_path / "a" / "nan.nii.gz").array
+    assert np.array_equal(got, io.read(tmp_path / "b" / "nan.nii.gz").array)
+    reference = io.read(source)  # the clean scan's mask has foreground, so the NaN one must too
+    assert reference.array.size == got.size and (got > 0).any()
+
+
+def test_training_refuses_a_nan_image_naming_case_and_count_before_any_step(cli, phantom3d, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom3d, data)
+    target = data / "imagesTr" / "phantom_001.nii.gz"
+    _with_nan(target, target.with_name("x.nii.gz"), count=17)
+    target.with_name("x.nii.gz").replace(target)
+    code, _, err = cli(
+        "train", "--data", data, "--method", "context25d", "--slices", "3", "--epochs", "1",
+        "--iters-per-epoch", "1", "--batch-size", "2", "-o", tmp_path / "run",
+    )  # fmt: skip
+    line = error_line(err)
+    assert code == 2 and "case 'phantom_001'" in line and "17 non-finite voxels" in line
+    assert str(target) in line
+    assert not (tmp_path / "run" / "best.pt").exists() and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_non_finite_loss_stops_training_in_one_line():
+    import torch
+
+    from medsight.losses import require_finite_loss
+
+    assert require_finite_loss(torch.tensor(0.5), 0, 0).item() == 0.5
+    with pytest.raises(MedsightError, match="loss became nan at epoch 2, step 4; no checkpoint"):
+        require_finite_loss(torch.tensor(float("nan")), 1, 3)

@@ -7,11 +7,14 @@ scan keeps this affine, so results land where the input was.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from medsight.errors import MedsightError
 
 
 @dataclass(frozen=True)
@@ -151,3 +154,50 @@ class Scan:
             "std": float(vals.std()) if vals.size else None,
             "non_finite_voxels": int((~finite).sum()),
         }
+
+
+# -- non-finite voxels ------------------------------------------------------------------------------
+def non_finite_count(scan: Scan) -> int:
+    """NaN and ±inf voxels (0 for integer scans, which cannot hold them)."""
+    if not np.issubdtype(scan.array.dtype, np.floating):
+        return 0
+    return int(scan.array.size - np.count_nonzero(np.isfinite(scan.array)))
+
+
+def require_finite(scan: Scan, case: str | None = None) -> Scan:
+    """Training refuses a non-finite voxel: one NaN spreads through the normalisation and the loss."""
+    count = non_finite_count(scan)
+    if count:
+        who = f"case '{case}': " if case else ""
+        raise MedsightError(
+            f"{who}{count} non-finite voxels (NaN or inf) in the image; training needs finite values, "
+            "so replace them in the file first",
+            scan.path,
+        )
+    return scan
+
+
+def fill_non_finite(scan: Scan) -> Scan:
+    """For segmenting: non-finite voxels take their channel's lowest finite value, with a warning.
+
+    NaN in a scan usually marks voxels outside the field of view (resampling, defacing, masking),
+    which is background. The channel's minimum (air in CT and MR) is the value such voxels would
+    have had; 0 is not neutral (water in CT) and would be segmented as tissue. Left as NaN, they
+    turn the whole normalised scan NaN and the mask all background.
+    """
+    count = non_finite_count(scan)
+    if not count:
+        return scan
+    array = scan.array.copy()
+    for channel in array:
+        finite = np.isfinite(channel)
+        if not finite.any():
+            raise MedsightError("has no finite voxel (all NaN or inf); nothing to segment", scan.path)
+        channel[~finite] = channel[finite].min()
+    warnings.warn(
+        f"{scan.path or 'scan'}: {count} non-finite voxels (NaN or inf) were replaced by the image's "
+        "lowest finite value before segmenting",
+        UserWarning,
+        stacklevel=2,
+    )
+    return replace(scan, array=array)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from medsight.errors import MedsightError
-from medsight.scan import Scan
+from medsight.scan import Scan, require_finite
 
 PICTURE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
@@ -98,7 +98,8 @@ class Dataset:
 
         if not case.images:
             raise MedsightError(f"case '{case.case_id}' lists no image", self.root)
-        scans = [io.read(path) for path in case.images]
+        # every reader of training images comes through here: a NaN voxel is refused before any step
+        scans = [require_finite(io.read(path), case.case_id) for path in case.images]
         first = scans[0]
         for path, scan in zip(case.images[1:], scans[1:], strict=True):
             if not first.same_geometry(scan):

@@ -252,7 +252,7 @@ def train(cfg: TrainConfig, return_model: bool = False):
     from medsight.engine.infer import probabilities
     from medsight.engine.sampling import PatchSampler, to_working
     from medsight.io import check_run_folder
-    from medsight.losses import WeightedCEDiceLoss
+    from medsight.losses import WeightedCEDiceLoss, require_finite_loss
     from medsight.models.registry import MODELS, build_model
 
     if cfg.method not in MODELS:
@@ -390,7 +390,7 @@ def train(cfg: TrainConfig, return_model: bool = False):
             for group in optimiser.param_groups:
                 group["lr"] = lr
             x, y = augmenter(*sampler.batch(cfg.batch_size), rng)
-            loss = loss_fn(net(torch.from_numpy(x)), torch.from_numpy(y))
+            loss = require_finite_loss(loss_fn(net(torch.from_numpy(x)), torch.from_numpy(y)), epoch, step)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

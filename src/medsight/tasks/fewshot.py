@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from medsight.errors import MedsightError
-from medsight.scan import Scan
+from medsight.scan import Scan, fill_non_finite
 
 METHODS: dict[str, str] = {
     "fewshot-prototype": "prototype",
@@ -301,6 +301,7 @@ def train_fewshot(cfg: FewShotConfig, data: TrainingSlices | None = None) -> dic
     from medsight.engine import checkpoint
     from medsight.engine.train import adamw
     from medsight.io import check_run_folder, write_text
+    from medsight.losses import require_finite_loss
     from medsight.models.fewshot import HEADS
     from medsight.transforms import EpisodeSampler
 
@@ -373,6 +374,7 @@ def train_fewshot(cfg: FewShotConfig, data: TrainingSlices | None = None) -> dic
                     head_align = F.cross_entropy(back, s_mask[found].long())
             loss = loss + head_seg + align_weights[h] * head_align
             seg, align = seg + head_seg / len(heads), align + head_align / len(heads)
+        require_finite_loss(loss, 0, step)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -518,7 +520,7 @@ class FewShotPredictor:
     # -- input handling ------------------------------------------------------------------------
     def _image_array(self, scan: Scan) -> np.ndarray:
         """The channels the model reads; RGB/RGBA turns grey for a one-channel model."""
-        array = scan.array
+        array = fill_non_finite(scan).array
         if self.channels is not None and scan.channels > max(self.channels):
             array = array[list(self.channels)]
         elif array.shape[0] != self.in_channels:
