@@ -176,7 +176,7 @@ def test_convert_refuses_the_gap_and_writes_nothing(cli, tmp_path):
 
 def test_an_evenly_spaced_series_with_rounded_positions_still_reads(tmp_path):
     # positions written with 6 decimals of a 1/3 mm step: rounding noise far below the tolerance
-    series = _series_with_gap(tmp_path / "ok", drop=[], n=12, step=1 / 3)
+    series = _series_with_gap(tmp_path / "ok", drop=[], n=12, step=0.3333333)
     assert io.read(series).spatial_shape == (5, 4, 12)
 
 
@@ -253,3 +253,166 @@ def test_a_non_finite_loss_stops_training_in_one_line():
     assert require_finite_loss(torch.tensor(0.5), 0, 0).item() == 0.5
     with pytest.raises(MedsightError, match="loss became nan at epoch 2, step 4; no checkpoint"):
         require_finite_loss(torch.tensor(float("nan")), 1, 3)
+
+
+# -- 7: unwritable outputs ---------------------------------------------------------------------------------
+def _volume(tmp_path: Path) -> Path:
+    return io.write(Scan(np.arange(60, dtype=np.float32).reshape(1, 3, 4, 5)), tmp_path / "v.nii.gz")
+
+
+def test_convert_under_a_regular_file_is_one_line(cli, tmp_path):
+    source = _volume(tmp_path)
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    target = blocker / "sub" / "out.nii.gz"
+    code, _, err = cli("convert", source, target)
+    line = error_line(err)
+    assert code == 2 and str(target) in line and f"{blocker} is a file" in line
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes through chmod 0o555")
+def test_a_read_only_folder_is_refused_before_any_work(cli, tmp_path):
+    source = _volume(tmp_path)
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        code, _, err = cli("convert", source, locked / "out.nii.gz")
+        assert code == 2 and "read-only" in error_line(err)
+        code, _, err = cli("predict", source, "--model", tmp_path / "missing.pt", "-o", locked / "masks")
+        assert code == 2 and "read-only" in error_line(err) and "missing.pt" not in err
+    finally:
+        locked.chmod(0o755)
+
+
+def test_a_folder_without_write_permission_is_named(tmp_path, monkeypatch):
+    # os.access is what answers for a read-only folder or filesystem (root is never refused by it)
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(MedsightError, match="cannot be written: the folder .*ro.* is read-only"):
+        io.check_writable(tmp_path / "ro" / "x.nii.gz")
+
+
+def test_predict_into_a_path_under_a_file_is_refused_before_loading_the_model(cli, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    code, _, err = cli("predict", _volume(tmp_path), "--model", tmp_path / "missing.pt", "-o", blocker / "m")
+    line = error_line(err)
+    assert code == 2 and "is a file" in line and "missing.pt" not in line
+
+
+def test_train_run_folder_under_a_file_is_refused(cli, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    code, _, err = cli("train", "--data", tmp_path, "-o", blocker / "run")
+    assert code == 2 and "is a file" in error_line(err)
+
+
+def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(cli, tmp_path, monkeypatch):
+    import errno
+
+    source = _volume(tmp_path)
+    out = tmp_path / "out"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full)
+    code, _, err = cli("convert", source, out / "v.nrrd")
+    line = error_line(err)
+    assert code == 2 and str(out / "v.nrrd") in line and os.strerror(errno.ENOSPC) in line
+    assert list(out.iterdir()) == []  # neither the output nor a temporary
+
+
+# -- 8: interrupted runs -----------------------------------------------------------------------------------
+def _dead_pid() -> int:
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(cli, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".a.nii.gz.medsight-tmp-{_dead_pid()}-0a1b2c3d.nii.gz"
+    live = out / f".b.nii.gz.medsight-tmp-{os.getppid()}-0a1b2c3d.nii.gz"
+    foreign = out / ".c.nii.gz.something.nii.gz"  # not ours: never touched
+    for path in (stale, live, foreign):
+        path.write_bytes(b"partial")
+    code, _, err = cli("convert", _volume(tmp_path), out / "v.nii.gz")
+    assert code in (0, None), err
+    assert not stale.exists() and live.exists() and foreign.exists()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["v.nii.gz"]
+
+
+def test_predict_skip_existing_continues_a_batch(cli, context25d, phantom3d, tmp_path):
+    images = phantom3d / "imagesTr"
+    out = tmp_path / "masks"
+    code, _, err = cli("predict", images, "--model", context25d, "-o", out)
+    assert code in (0, None), err
+    first = out / "phantom_000.nii.gz"
+    before = first.stat().st_mtime_ns
+    (out / "phantom_001.nii.gz").unlink()  # as if the run had been killed before this one
+    code, stdout, _ = cli("predict", images, "--model", context25d, "-o", out)
+    assert code == 2  # without the option the existing masks are protected
+    code, stdout, err = cli("predict", images, "--model", context25d, "-o", out, "--skip-existing")
+    assert code in (0, None), err
+    assert "skipping 2 scan(s)" in stdout and stdout.count(" -> ") == 1 and "phantom_001" in stdout
+    assert first.stat().st_mtime_ns == before and (out / "phantom_001.nii.gz").is_file()
+
+
+def test_predict_refuses_a_folder_locked_by_a_live_run_and_takes_over_a_dead_one(
+    cli, context25d, phantom3d, tmp_path
+):
+    import subprocess
+
+    image = phantom3d / "imagesTr" / "phantom_000.nii.gz"
+    out = tmp_path / "masks"
+    out.mkdir()
+    lock = out / ".medsight-predict.lock"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{sleeper.pid}\n")
+        code, _, err = cli("predict", image, "--model", context25d, "-o", out)
+        line = error_line(err)
+        assert code == 2 and f"pid {sleeper.pid}" in line and str(out) in line
+        assert not (out / "phantom_000.nii.gz").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lock.write_text(f"{_dead_pid()}\n")
+    code, _, err = cli("predict", image, "--model", context25d, "-o", out)
+    assert code in (0, None), err
+    assert (out / "phantom_000.nii.gz").is_file() and not lock.exists()
+
+
+def test_provenance_records_the_checkpoint_and_guards_the_folder(cli, context25d, phantom3d, tmp_path):
+    import hashlib
+    import json
+
+    import torch
+
+    image = phantom3d / "imagesTr" / "phantom_000.nii.gz"
+    out = tmp_path / "masks"
+    code, _, err = cli("predict", image, "--model", context25d, "-o", out, "--largest-component")
+    assert code in (0, None), err
+    record = json.loads((out / "medsight-provenance.json").read_text())
+    assert record["checkpoint_sha256"] == hashlib.sha256(context25d.read_bytes()).hexdigest()
+    assert record["model"] == str(context25d.resolve()) and record["finished"] is True
+    assert record["options"]["largest_component"] is True and record["outputs"] == ["phantom_000.nii.gz"]
+    from medsight import __version__
+
+    assert record["medsight_version"] == __version__ and record["time"]
+    other = tmp_path / "other.pt"
+    payload = torch.load(context25d, weights_only=True)
+    payload["note"] = "another training run"
+    torch.save(payload, other)
+    second = phantom3d / "imagesTr" / "phantom_001.nii.gz"
+    code, _, err = cli("predict", second, "--model", other, "-o", out)
+    line = error_line(err)
+    assert code == 2 and "another checkpoint" in line and not (out / "phantom_001.nii.gz").exists()
+    code, _, err = cli("predict", second, "--model", other, "-o", out, "--overwrite")
+    assert code in (0, None), err
+    record = json.loads((out / "medsight-provenance.json").read_text())
+    assert record["checkpoint_sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()

@@ -143,6 +143,7 @@ def _run(
     from medsight.cli.outputs import output_paths
     from medsight.tasks.fewshot import FewShotPredictor
 
+    io.check_folder_writable(out)  # before loading the model and reading the scans
     predictor = FewShotPredictor(model, head=head)
     support = [(io.read(image), io.read(mask)) for image, mask in pairs]
     jobs = [(image.path, image, mask) for image, mask in support] if propagate else []

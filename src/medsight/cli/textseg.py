@@ -151,6 +151,7 @@ def predict(
         table = read_text_file(text_sheet)
         require_rows(table, [p.name for p in paths], text_sheet)
         sentences = {p: lookup(table, p.name)[1] for p in paths}
+    io.check_folder_writable(out)  # before loading the model
     predictor = TextSegPredictor(model, text_cache=text_cache, tta=tta)
     if predictor.uses_text:
         warn_missing_text(sum(1 for s in sentences.values() if not s), len(paths), "the input")
