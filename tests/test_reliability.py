@@ -416,3 +416,71 @@ def test_provenance_records_the_checkpoint_and_guards_the_folder(cli, context25d
     assert code in (0, None), err
     record = json.loads((out / "medsight-provenance.json").read_text())
     assert record["checkpoint_sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
+
+
+# -- 3: pairing two scans by their affines -------------------------------------------------------------------
+LPS = np.diag([-1.0, -1.0, 2.0, 1.0])  # DICOM-read CT: x, y decrease along the voxel axes
+
+
+def _ct_and_label(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A CT in LPS and the same label twice: on the CT's grid, and as a LAS file (y axis flipped)."""
+    rng = np.random.default_rng(1)
+    ct = Scan(rng.normal(0, 1, (1, 12, 10, 8)).astype(np.float32), LPS.copy())
+    label = np.zeros((1, 12, 10, 8), np.uint8)
+    label[0, 3:7, 1:4, 2:6] = 1  # near the front (low j): a flip front to back would show
+    las_affine = LPS.copy()
+    las_affine[:3, 1] *= -1  # y now increases along j ...
+    las_affine[1, 3] = LPS[1, 3] - 9 * 1.0  # ... starting where the LPS grid ends (j = 9)
+    io.write(ct, tmp_path / "ct.nii.gz")
+    io.write(Scan(label, LPS.copy()), tmp_path / "same.nii.gz")
+    io.write(Scan(label[:, :, ::-1].copy(), las_affine), tmp_path / "las.nii.gz")
+    return tmp_path / "ct.nii.gz", tmp_path / "same.nii.gz", tmp_path / "las.nii.gz"
+
+
+def test_a_las_label_on_an_lps_ct_draws_the_same_overlay(cli, tmp_path):
+    from PIL import Image
+
+    ct, same, las = _ct_and_label(tmp_path)
+    assert io.read(las).orientation != io.read(same).orientation  # the files really differ
+    for name, label in (("a.png", same), ("b.png", las)):
+        code, _, err = cli("overlay", ct, "--label", label, "-o", tmp_path / name)
+        assert code in (0, None), err
+    a, b = (np.asarray(Image.open(tmp_path / n)) for n in ("a.png", "b.png"))
+    assert np.array_equal(a, b)
+
+
+def test_align_to_matches_nibabel_nearest_neighbour_resampling(tmp_path):
+    import nibabel as nib
+    from nibabel.processing import resample_from_to
+
+    ct, _, las = _ct_and_label(tmp_path)
+    shifted = io.read(las)
+    shifted.affine[:3, 3] += [2.0, -3.0, 4.0]  # overlaps the CT in part
+    ours = __import__("medsight.scan", fromlist=["align_to"]).align_to(shifted, io.read(ct))
+    image = nib.load(str(ct))
+    theirs = resample_from_to(nib.Nifti1Image(shifted.array[0], shifted.affine), image, order=0)
+    assert np.array_equal(ours.array[0], np.asarray(theirs.dataobj)) and ours.array.sum() > 0
+    assert np.allclose(ours.affine, image.affine)
+
+
+def test_a_label_that_does_not_overlap_the_image_is_refused(cli, tmp_path):
+    ct, same, _ = _ct_and_label(tmp_path)
+    far = io.read(same)
+    far.affine[:3, 3] += [0.0, 0.0, 500.0]
+    io.write(far, tmp_path / "far.nii.gz")
+    code, _, err = cli("overlay", ct, "--label", tmp_path / "far.nii.gz", "-o", tmp_path / "x.png")
+    line = error_line(err)
+    assert code == 2 and "far.nii.gz: label does not overlap the image in space" in line
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_evaluate_pairs_a_las_prediction_with_an_lps_reference(tmp_path):
+    from medsight.evaluate import evaluate_folders
+
+    _, same, las = _ct_and_label(tmp_path)
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "pred").mkdir()
+    same.replace(tmp_path / "ref" / "case.nii.gz")
+    las.replace(tmp_path / "pred" / "case.nii.gz")
+    result = evaluate_folders(tmp_path / "pred", tmp_path / "ref", progress=False)
+    assert result.cases["dice"].tolist() == [1.0]

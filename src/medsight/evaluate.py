@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from medsight.errors import MedsightError
+from medsight.scan import align_to
 
 SEG_METRICS = ("dice", "iou", "hd95_mm", "assd_mm", "nsd")
 COUNT_COLUMNS = ("ref_voxels", "pred_voxels", "overlap_voxels")
@@ -224,16 +225,6 @@ def _spatial_labels(scan, path: Path) -> np.ndarray:
     return arr
 
 
-def _geometry_problem(pred, ref) -> str:
-    if pred.spatial_shape != ref.spatial_shape:
-        return f"shape {list(pred.spatial_shape)} differs from the reference's {list(ref.spatial_shape)}"
-    return (
-        f"geometry differs from the reference's (spacing {[round(s, 4) for s in pred.spacing]} vs "
-        f"{[round(s, 4) for s in ref.spacing]}, origin {np.round(pred.origin, 3).tolist()} vs "
-        f"{np.round(ref.origin, 3).tolist()}); resample it onto the reference first"
-    )
-
-
 @dataclass
 class EvaluationResult:
     """Per-case rows and their summary.
@@ -409,8 +400,7 @@ def evaluate_folders(
     for case, ref_path in tqdm(refs.items(), desc="evaluate", disable=not progress, unit="case"):
         pred_path = preds[case]
         ref, pred = io.read(ref_path), io.read(pred_path)
-        if not pred.same_geometry(ref):
-            raise MedsightError(_geometry_problem(pred, ref), pred_path)
+        pred = align_to(pred, ref, "prediction", "reference", cover=True)
         files[case] = {"pred": pred_path, "ref": ref_path}
         if kind == "image":
             if pred.channels != ref.channels:

@@ -201,3 +201,71 @@ def fill_non_finite(scan: Scan) -> Scan:
         stacklevel=2,
     )
     return replace(scan, array=array)
+
+
+# -- pairing two scans: a label (mask, prediction) on its image's grid ---------------------------------------
+def _has_geometry(scan: Scan) -> bool:
+    """Pictures and bare .npy arrays carry no patient geometry, only an identity placeholder."""
+    return scan.meta.get("format") != "image" and not (
+        scan.meta.get("format") == "numpy" and np.allclose(scan.affine, np.eye(4))
+    )
+
+
+def _label_voxel_box(label: Scan, image: Scan, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bounding box, in the label's voxel indices, of the image grid's voxel centres."""
+    nd = image.ndim
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in image.spatial_shape], indexing="ij"))
+    corners = corners.reshape(nd, -1).T
+    mapped = corners @ matrix[:nd, :nd].T + matrix[:nd, 3]
+    return mapped.min(0), mapped.max(0)
+
+
+def align_to(label: Scan, image: Scan, what: str = "label", of: str = "image", cover: bool = False) -> Scan:
+    """``label`` on ``image``'s voxel grid: the one rule for every command that pairs two scans.
+
+    Unchanged when both grids match (affines within 1e-3 mm); resampled with nearest neighbour
+    when they differ but overlap in space (a LAS label on an LPS-read CT, a cropped label); refused
+    when they do not overlap, or with ``cover`` when the label leaves part of the image uncovered
+    (evaluation must not count unlabelled voxels as background). Voxels outside the label are 0.
+    """
+    if label.ndim != image.ndim:
+        raise MedsightError(f"{what} is {label.ndim}D but the {of} is {image.ndim}D", label.path)
+    if label.same_geometry(image):
+        return label
+    if not (_has_geometry(label) and _has_geometry(image)):
+        if label.spatial_shape == image.spatial_shape:
+            return replace(label, affine=image.affine.copy())  # no geometry to compare: same grid
+        raise MedsightError(
+            f"{what} shape {list(label.spatial_shape)} differs from the {of}'s {list(image.spatial_shape)}",
+            label.path,
+        )
+    nd = image.ndim
+    matrix = np.linalg.inv(label.affine) @ image.affine  # image voxel -> label voxel
+    low, high = _label_voxel_box(label, image, matrix)
+    size = np.asarray(label.spatial_shape, float)
+    if np.any(high < -0.5) or np.any(low > size - 0.5):
+        raise MedsightError(
+            f"{what} does not overlap the {of} in space: its geometry differs (origin "
+            f"{np.round(label.origin, 2).tolist()} vs {np.round(image.origin, 2).tolist()}, spacing "
+            f"{[round(s, 3) for s in label.spacing]} vs {[round(s, 3) for s in image.spacing]}, orientation "
+            f"{label.orientation} vs {image.orientation}); was it made for another scan?",
+            label.path,
+        )
+    if cover and (np.any(low < -0.5) or np.any(high > size - 0.5)):
+        raise MedsightError(
+            f"{what} shape {list(label.spatial_shape)} differs from the {of}'s {list(image.spatial_shape)} "
+            f"and covers only part of it in space; resample it onto the {of} first",
+            label.path,
+        )
+    from scipy.ndimage import affine_transform
+
+    source = label.array.astype(np.uint8) if label.array.dtype == bool else label.array
+    channels = [
+        affine_transform(
+            channel, matrix[:nd, :nd], offset=matrix[:nd, 3], output_shape=image.spatial_shape,
+            order=0, mode="constant", cval=0, output=channel.dtype,
+        )
+        for channel in source
+    ]  # fmt: skip
+    array = np.stack(channels).astype(label.array.dtype, copy=False)
+    return replace(label, array=array, affine=image.affine.copy(), meta={**label.meta, "resampled_to": of})

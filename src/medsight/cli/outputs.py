@@ -149,32 +149,46 @@ def predict_outputs(
 ) -> Iterator[list[tuple[Path, Path, Path | None]]]:  # fmt: skip
     """``(input, mask, probability map or None)`` for each scan still to segment, inside the locked
     ``out``; the provenance record is written before the first mask and completed after the last."""
-    from medsight import io
 
     if skip_existing and overwrite:
         raise MedsightError("--skip-existing keeps existing masks and --overwrite replaces them; choose one")
+    created = not out.exists()
+    try:
+        with locked_folder(out):
+            yield from _predict_jobs(scans, out, model, overwrite, skip_existing, probabilities, options)
+    except BaseException:
+        # a run that failed before its first mask leaves no folder behind that it created
+        if created and out.is_dir() and {p.name for p in out.iterdir()} <= {PROVENANCE_NAME}:
+            with contextlib.suppress(OSError):
+                (out / PROVENANCE_NAME).unlink(missing_ok=True)
+                out.rmdir()
+        raise
+
+
+def _predict_jobs(scans, out, model, overwrite, skip_existing, probabilities, options):
+    """The body of :func:`predict_outputs`, run while ``out`` is locked."""
+    from medsight import io
 
     def case(path: Path) -> str:
         return io.case_name(path) if path.is_file() else path.name
 
-    with locked_folder(out):
-        record = check_provenance(out, model, overwrite)
-        io.remove_stale_temporaries(out)
-        keep = overwrite or skip_existing
-        targets = output_paths(scans, out, lambda p: f"{case(p)}.nii.gz", keep)
-        prob_targets = (
-            output_paths(scans, out, lambda p: f"{case(p)}_prob.nii.gz", keep)
-            if probabilities
-            else [None] * len(scans)
-        )
-        jobs = [
-            (scan, target, prob)
-            for scan, target, prob in zip(scans, targets, prob_targets, strict=True)
-            if not (skip_existing and target.exists() and (prob is None or prob.exists()))
-        ]
-        if len(jobs) < len(scans):
-            print(f"skipping {len(scans) - len(jobs)} scan(s) whose masks exist in {out}")
-        write_provenance(out, record, options, [], finished=False)
-        yield jobs
-        written = [p for job in jobs for p in job[1:] if p is not None]
-        write_provenance(out, record, options, written, finished=True)
+    record = check_provenance(out, model, overwrite)
+    io.remove_stale_temporaries(out)
+    keep = overwrite or skip_existing
+    targets = output_paths(scans, out, lambda p: f"{case(p)}.nii.gz", keep)
+    prob_targets = (
+        output_paths(scans, out, lambda p: f"{case(p)}_prob.nii.gz", keep)
+        if probabilities
+        else [None] * len(scans)
+    )
+    jobs = [
+        (scan, target, prob)
+        for scan, target, prob in zip(scans, targets, prob_targets, strict=True)
+        if not (skip_existing and target.exists() and (prob is None or prob.exists()))
+    ]
+    if len(jobs) < len(scans):
+        print(f"skipping {len(scans) - len(jobs)} scan(s) whose masks exist in {out}")
+    write_provenance(out, record, options, [], finished=False)
+    yield jobs
+    written = [p for job in jobs for p in job[1:] if p is not None]
+    write_provenance(out, record, options, written, finished=True)

@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from medsight.errors import MedsightError
-from medsight.scan import Scan, fill_non_finite
+from medsight.scan import Scan, align_to, fill_non_finite
 
 METHODS: dict[str, str] = {
     "fewshot-prototype": "prototype",
@@ -448,13 +448,9 @@ def train_fewshot(cfg: FewShotConfig, data: TrainingSlices | None = None) -> dic
 # -- inference -------------------------------------------------------------------------------------
 def _binary_mask(image: Scan, mask: Scan) -> np.ndarray:
     """Spatial boolean mask of a support pair, checked against its image."""
-    if mask.spatial_shape != image.spatial_shape:
-        raise MedsightError(
-            f"mask shape {list(mask.spatial_shape)} differs from its image's {list(image.spatial_shape)}"
-            + (f" ({Path(image.path).name})" if image.path else ""),
-            mask.path,
-        )
-    arr = mask.array
+    arr = align_to(
+        mask, image, "mask", f"image {Path(image.path).name}" if image.path else "image", True
+    ).array
     if arr.shape[0] > 1 and not all(np.array_equal(arr[0], arr[c]) for c in range(1, arr.shape[0])):
         raise MedsightError(f"mask has {arr.shape[0]} differing channels; expected one mask", mask.path)
     binary = arr[0] > 0
