@@ -484,3 +484,56 @@ def test_evaluate_pairs_a_las_prediction_with_an_lps_reference(tmp_path):
     las.replace(tmp_path / "pred" / "case.nii.gz")
     result = evaluate_folders(tmp_path / "pred", tmp_path / "ref", progress=False)
     assert result.cases["dice"].tolist() == [1.0]
+
+
+# -- 4: DICOM studies pair series by description, not folder position -----------------------------------------
+def _studies(root: Path, with_t1: tuple[bool, ...] = (True, True)) -> Path:
+    """Studies whose folders sort differently: FLAIR holds 100s, T1 holds 7s, so a channel shows which."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dicom_factory import write_series
+
+    flair, t1 = np.full((4, 6, 5), 100), np.full((4, 6, 5), 7)
+    mask = np.zeros((4, 6, 5), int)
+    mask[1:3, 2:4, 2:4] = 1
+    layouts = [("2_flair", "FLAIR", "1_t1", "T1 pre"), ("1_flair", "flair", "2_t1", "t1-PRE")]
+    for i, ((f_dir, f_desc, t_dir, t_desc), has_t1) in enumerate(zip(layouts, with_t1, strict=False)):
+        study = root / f"patient{i}"
+        write_series(study / f_dir, flair, description=f_desc)
+        if has_t1:
+            write_series(study / t_dir, t1, description=t_desc)
+        write_series(study / "seg", mask, description="segmentation")
+    return root
+
+
+def test_series_are_matched_across_studies_by_description(tmp_path):
+    from medsight.datasets import open_dataset
+
+    ds = open_dataset(_studies(tmp_path))
+    assert ds.layout == "dicom-study" and ds.channel_names == ["FLAIR", "T1 pre"]
+    for case in ds.cases:  # folder order differs between the studies; the channels must not
+        image = ds.read_image(case)
+        assert image.array[0].max() == 100 and image.array[1].max() == 7, case.case_id
+
+
+def test_a_user_mapping_names_the_channels(tmp_path):
+    from medsight.datasets import open_dataset
+
+    ds = open_dataset(_studies(tmp_path), layout="dicom-study", series="T1|T1pre,FLAIR")
+    assert ds.channel_names == ["T1", "FLAIR"]
+    assert all(ds.read_image(c).array[0].max() == 7 for c in ds.cases)
+
+
+def test_a_study_lacking_a_series_is_flagged_and_training_refuses(cli, tmp_path):
+    from medsight.datasets import fingerprint, open_dataset
+
+    root = _studies(tmp_path / "data", with_t1=(True, False))
+    facts = fingerprint(open_dataset(root), progress=False)
+    missing = [p for p in facts["problems"] if p["case"] == "patient1"]
+    assert len(missing) == 1 and "(missing series T1 pre)" in missing[0]["file"]
+    code, _, err = cli(
+        "train", "--data", root, "--method", "unet2d", "--epochs", "1", "--iters-per-epoch", "1",
+        "--val-fraction", "0.5", "-o", tmp_path / "run",
+    )  # fmt: skip
+    line = error_line(err)
+    assert code == 2 and "patient1" in line and "missing series T1 pre" in line
+    assert not (tmp_path / "run" / "best.pt").exists()
