@@ -232,12 +232,14 @@ def align_to(label: Scan, image: Scan, what: str = "label", of: str = "image", c
         raise MedsightError(f"{what} is {label.ndim}D but the {of} is {image.ndim}D", label.path)
     if label.same_geometry(image):
         return label
+    shapes = f"{what} shape {list(label.spatial_shape)} differs from the {of}'s {list(image.spatial_shape)}"
     if not (_has_geometry(label) and _has_geometry(image)):
         if label.spatial_shape == image.spatial_shape:
             return replace(label, affine=image.affine.copy())  # no geometry to compare: same grid
+        raise MedsightError(shapes, label.path)
+    if np.allclose(label.affine, image.affine, atol=1e-3):  # a crop or resampling changes the affine
         raise MedsightError(
-            f"{what} shape {list(label.spatial_shape)} differs from the {of}'s {list(image.spatial_shape)}",
-            label.path,
+            f"{shapes} although their affines are the same; is it the right file?", label.path
         )
     nd = image.ndim
     matrix = np.linalg.inv(label.affine) @ image.affine  # image voxel -> label voxel
@@ -252,10 +254,15 @@ def align_to(label: Scan, image: Scan, what: str = "label", of: str = "image", c
             label.path,
         )
     if cover and (np.any(low < -0.5) or np.any(high > size - 0.5)):
+        differs = (
+            shapes
+            if label.spatial_shape != image.spatial_shape
+            else f"{what} geometry differs from the {of}'s (spacing {[round(s, 3) for s in label.spacing]} vs "
+            f"{[round(s, 3) for s in image.spacing]}, origin {np.round(label.origin, 2).tolist()} vs "
+            f"{np.round(image.origin, 2).tolist()})"
+        )
         raise MedsightError(
-            f"{what} shape {list(label.spatial_shape)} differs from the {of}'s {list(image.spatial_shape)} "
-            f"and covers only part of it in space; resample it onto the {of} first",
-            label.path,
+            f"{differs} and covers only part of it in space; resample it onto the {of} first", label.path
         )
     from scipy.ndimage import affine_transform
 
