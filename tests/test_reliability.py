@@ -537,3 +537,21 @@ def test_a_study_lacking_a_series_is_flagged_and_training_refuses(cli, tmp_path)
     line = error_line(err)
     assert code == 2 and "patient1" in line and "missing series T1 pre" in line
     assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_training_reads_a_las_label_on_its_lps_image_unflipped(tmp_path):
+    from medsight.datasets import fingerprint, open_dataset
+
+    ct, same, las = _ct_and_label(tmp_path)
+    for folder in ("imagesTr", "labelsTr"):
+        (tmp_path / "msd" / folder).mkdir(parents=True)
+    ct.replace(tmp_path / "msd" / "imagesTr" / "a.nii.gz")
+    las.replace(tmp_path / "msd" / "labelsTr" / "a.nii.gz")
+    (tmp_path / "msd" / "dataset.json").write_text(
+        '{"labels": {"0": "background", "1": "x"}, "modality": {"0": "CT"}, '
+        '"training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]}'
+    )
+    dataset = open_dataset(tmp_path / "msd")
+    _, label = dataset.load_case(dataset.cases[0])
+    assert np.array_equal(label.array, io.read(same).array)
+    assert not fingerprint(dataset, progress=False)["problems"]

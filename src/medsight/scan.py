@@ -232,7 +232,7 @@ def align_to(label: Scan, image: Scan, what: str = "label", of: str = "image", c
         raise MedsightError(f"{what} is {label.ndim}D but the {of} is {image.ndim}D", label.path)
     if label.same_geometry(image):
         return label
-    shapes = f"{what} shape {list(label.spatial_shape)} differs from the {of}'s {list(image.spatial_shape)}"
+    shapes = f"{what} shape {list(label.spatial_shape)} differs from {of} shape {list(image.spatial_shape)}"
     if not (_has_geometry(label) and _has_geometry(image)):
         if label.spatial_shape == image.spatial_shape:
             return replace(label, affine=image.affine.copy())  # no geometry to compare: same grid
