@@ -63,7 +63,7 @@ def locked_folder(out: Path) -> Iterator[Path]:
                 if owner and owner != os.getpid() and pid_alive(owner):
                     raise MedsightError(
                         f"another medsight predict (pid {owner}) is writing into this folder; wait for it "
-                        f"to finish or choose another --out (a stale lock is {LOCK_NAME})",
+                        "to finish or choose another --out",
                         out,
                     ) from None
                 lock.unlink(missing_ok=True)  # its run was killed: take the folder over

@@ -72,8 +72,7 @@ def _read(path: Path) -> Any:
         if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
             raise MedsightError(
                 "holds objects other than weights and plain metadata, so it cannot be loaded safely "
-                "(written by an older medsight, or not by medsight); retrain, or re-save it with the "
-                "medsight version that wrote it",
+                "(written by an older medsight, or not by medsight); retrain it with this version",
                 path,
             ) from None
         raise MedsightError(f"corrupt or unreadable checkpoint ({type(exc).__name__})", path) from None
