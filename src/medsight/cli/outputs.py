@@ -149,9 +149,6 @@ def predict_outputs(
 ) -> Iterator[list[tuple[Path, Path, Path | None]]]:  # fmt: skip
     """``(input, mask, probability map or None)`` for each scan still to segment, inside the locked
     ``out``; the provenance record is written before the first mask and completed after the last."""
-
-    if skip_existing and overwrite:
-        raise MedsightError("--skip-existing keeps existing masks and --overwrite replaces them; choose one")
     created = not out.exists()
     try:
         with locked_folder(out):

@@ -158,8 +158,11 @@ def predict(
     import_monai()
     from medsight.cli.outputs import predict_outputs
     from medsight.engine.infer import Predictor
+    from medsight.errors import MedsightError
     from medsight.io import check_folder_writable
 
+    if skip_existing and overwrite:
+        raise MedsightError("--skip-existing keeps existing masks and --overwrite replaces them; choose one")
     check_folder_writable(out)  # before loading anything
     predictor = Predictor(model, backend="onnx" if onnx else "torch", onnx_path=onnx, tta=tta)
     options = dict(largest_component=largest_component, probabilities=save_probabilities, onnx=onnx, tta=tta)
