@@ -69,7 +69,10 @@ def _read(path: Path) -> Any:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
+        # torch names what it refused after this marker: a global (class, function) means the file
+        # holds objects beyond weights; anything else (an unknown opcode) means it is not a pickle
+        reason = str(exc).partition("WeightsUnpickler error:")[2].lower()
+        if "global" in reason or "can only build" in reason:
             raise MedsightError(
                 "holds objects other than weights and plain metadata, so it cannot be loaded safely "
                 "(written by an older medsight, or not by medsight); retrain it with this version",
