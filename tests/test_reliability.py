@@ -555,3 +555,23 @@ def test_training_reads_a_las_label_on_its_lps_image_unflipped(tmp_path):
     _, label = dataset.load_case(dataset.cases[0])
     assert np.array_equal(label.array, io.read(same).array)
     assert not fingerprint(dataset, progress=False)["problems"]
+
+
+def test_the_temporary_of_a_killed_write_is_removed_by_the_next_run(cli, tmp_path):
+    import subprocess
+
+    out = tmp_path / "out"
+    killed = (
+        "import os, signal\n"
+        "from medsight.io import atomic_path\n"
+        f"tmp = atomic_path({str(out / 'big.nii.gz')!r}).__enter__()\n"
+        "tmp.write_bytes(b'x' * 100000)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(io.__file__).parents[2])}
+    assert subprocess.run([sys.executable, "-c", killed], env=env).returncode == -9
+    left = [p.name for p in out.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".big.nii.gz.medsight-tmp-")
+    code, _, err = cli("convert", _volume(tmp_path), out / "v.nii.gz")
+    assert code in (0, None), err
+    assert [p.name for p in out.iterdir()] == ["v.nii.gz"]
