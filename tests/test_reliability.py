@@ -575,3 +575,12 @@ def test_the_temporary_of_a_killed_write_is_removed_by_the_next_run(cli, tmp_pat
     code, _, err = cli("convert", _volume(tmp_path), out / "v.nii.gz")
     assert code in (0, None), err
     assert [p.name for p in out.iterdir()] == ["v.nii.gz"]
+
+
+def test_data_inspect_takes_the_series_mapping(cli, tmp_path):
+    root = _studies(tmp_path / "data")
+    code, stdout, err = cli("data", "inspect", root, "--series", "T1|T1pre,FLAIR", "--json", "--no-progress")
+    assert code in (0, None), err
+    assert '"T1"' in stdout and "missing series" not in stdout
+    code, stdout, _ = cli("data", "inspect", root, "--series", "T2,FLAIR", "--json", "--no-progress")
+    assert stdout.count("(missing series T2)") == 2
