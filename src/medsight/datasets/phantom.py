@@ -303,6 +303,7 @@ def make_phantom_3d(
     )
     ramp = sum(g * d for g, d in zip(grids, direction, strict=True)) / (np.abs(direction) @ (extent / 2))
     bias_field = np.exp(bias * (ramp + 0.3 * _smooth_field(rng, shape, cycles=1.5)))
+
     def rician(signal: np.ndarray) -> np.ndarray:
         real = rng.standard_normal(shape)
         imaginary = rng.standard_normal(shape)
@@ -625,7 +626,9 @@ def _write_msd(out_dir: Path, n_cases: int, seed: int, channels: int, shape, suf
         "licence": "CC0 1.0",
         "release": "1.0",
         "tensorImageSize": "3D",
-        "modality": {"0": "MRI"} if channels == 1 else {str(i): n for i, n in enumerate(CHANNEL_NAMES_3D[:channels])},
+        "modality": {"0": "MRI"}
+        if channels == 1
+        else {str(i): n for i, n in enumerate(CHANNEL_NAMES_3D[:channels])},
         "labels": {"0": "background", **{str(k): v for k, v in LABELS_3D.items()}},
         "numTraining": n_cases,
         "numTest": 0,

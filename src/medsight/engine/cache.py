@@ -136,7 +136,9 @@ def fit_preprocessing(
                 found.update(int(v) for v in np.unique(label.array))
             yield image, label
 
-    pre = Preprocessing.fit_stream(pairs(), dataset.modality, slice_wise, slice_axis, ct_samples=MAX_LOCATIONS)
+    pre = Preprocessing.fit_stream(
+        pairs(), dataset.modality, slice_wise, slice_axis, ct_samples=MAX_LOCATIONS
+    )
     values = sorted(dataset.labels) if dataset.labels else sorted(found)
     from medsight.io import write_text
 
