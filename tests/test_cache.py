@@ -278,3 +278,27 @@ def test_a_case_is_opened_by_its_folder(dataset, built):
         assert len(stored) == (label == class_index).sum()  # fewer than MAX_LOCATIONS: all of them
         assert (label[tuple(stored.T)] == class_index).all()
     assert len(again.locations(3)) == 0
+
+
+def _build_as_rank(cache, dataset, rank):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")
+    cache.build(dataset, dataset.case_ids)
+
+
+def test_concurrent_builders_leave_one_intact_cache(dataset, built, tmp_path):
+    import multiprocessing
+
+    pre, values, cache = built
+    context = multiprocessing.get_context("fork")
+    builders = [context.Process(target=_build_as_rank, args=(cache, dataset, r)) for r in (0, 1, 0)]
+    for b in builders:
+        b.start()
+    for b in builders:
+        b.join(60)
+    assert [b.exitcode for b in builders] == [0, 0, 0]
+    alone = CaseCache(tmp_path / "alone", pre, values, progress=False).build(dataset, dataset.case_ids)
+    shared = cache.build(dataset, dataset.case_ids)
+    assert sorted(p.name for p in cache.folder.iterdir()) == sorted(c.folder.name for c in shared)
+    for a, s in zip(alone, shared, strict=True):
+        np.testing.assert_array_equal(a.image, s.image)
+        np.testing.assert_array_equal(a.label, s.label)
