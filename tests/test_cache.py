@@ -101,6 +101,7 @@ def test_cache_round_trip_equals_preprocessing_applied_directly(dataset, built, 
     first = cases[0]  # not resampled: the label cubes are where they were written
     assert first.label[4, 4, 3] == 1 and first.label[9, 7, 5] == 2
     assert (np.asarray(first.label) == 1).sum() == 27 and (np.asarray(first.label) == 2).sum() == 8
+    assert first.meta["class_counts"] == [12 * 10 * 8 - 27 - 8, 27, 8]
     assert cases[2].image.shape == (2, 12, 10, 12)  # 8 slices of 3 mm on a 2 mm grid
     np.testing.assert_allclose(np.asarray(first.image).mean(axis=(1, 2, 3)), 0, atol=1e-5)  # z-scored
     image, label = first.load()

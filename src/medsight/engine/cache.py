@@ -4,8 +4,9 @@ As nnU-Net does, every case is read, preprocessed (:class:`~medsight.engine.prep
 and written once into a cache folder: ``image.npy`` (float32, channel-first), ``label.npy`` (class
 indices, uint8 or int16), ``locations.npy`` (a sample of at most :data:`MAX_LOCATIONS` foreground voxel
 coordinates per class, nnU-Net's ``class_locations``, so the sampler never scans a volume) and
-``meta.json``. Training then maps the arrays (``np.load(mmap_mode="r")``) and reads only the patches
-it samples, in DataLoader worker processes, so memory stays flat in the number of cases.
+``meta.json`` (working-grid shape and affine, voxels per class, source files). Training then maps
+the arrays (``np.load(mmap_mode="r")``) and reads only the patches it samples, in DataLoader worker
+processes, so memory stays flat in the number of cases.
 
 How a trainer uses it::
 
@@ -240,6 +241,7 @@ class CaseCache:
                 "channels": int(work.array.shape[0]),
                 "affine": np.asarray(work.affine).tolist(),
                 "locations": ranges,
+                "class_counts": np.bincount(classes.ravel()).tolist(),  # for class weights, unscanned
                 "sources": source_signature(dataset.case(case_id)),
                 "version": FORMAT_VERSION,
             }
