@@ -303,3 +303,23 @@ def test_concurrent_builders_leave_one_intact_cache(dataset, built, tmp_path):
     for a, s in zip(alone, shared, strict=True):
         np.testing.assert_array_equal(a.image, s.image)
         np.testing.assert_array_equal(a.label, s.label)
+
+
+def test_four_channel_phantom_keeps_channel_zero_and_adds_contrasts(tmp_path):
+    from medsight.datasets.phantom import make_phantom_3d, write_phantom_dataset
+
+    one, label, _ = make_phantom_3d(5, shape=(32, 32, 24), noise=0.0, bias=0.0)
+    four, label4, _ = make_phantom_3d(5, shape=(32, 32, 24), noise=0.0, bias=0.0, channels=4)
+    assert four.array.shape == (4, 32, 32, 24)
+    np.testing.assert_array_equal(four.array[0], one.array[0])
+    np.testing.assert_array_equal(label4.array, label.array)
+    cyst, vessel = label.array[0] == 1, label.array[0] == 2
+    # T1c: the cyst is dark and the vessel bright; T1: the vessel no longer bright; T2: the cyst bright.
+    assert np.median(four.array[0][cyst]) < 300 < np.median(four.array[0][vessel])
+    assert np.median(four.array[1][vessel]) < 600 and np.median(four.array[2][cyst]) > 700
+
+    data = write_phantom_dataset(tmp_path / "p", 2, channels=4, shape=(24, 24, 24), compress=False)
+    opened = open_dataset(data)
+    assert [p.name for p in opened.case(opened.case_ids[0]).images] == ["phantom_000.nii"]
+    image, _ = opened.load_case(opened.cases[0])
+    assert image.array.shape == (4, 24, 24, 24) and opened.channel_names == ["T1c", "T1", "T2", "FLAIR"]
