@@ -46,15 +46,17 @@ def peak_rss_mb() -> float:
 def run_method(method: str, data: Path, out: Path, args, seed: int | None = None) -> dict:
     from medsight.datasets import open_dataset
     from medsight.engine.infer import Predictor
-    from medsight.engine.train import TrainConfig, train
     from medsight.evaluate import segmentation_metrics
     from medsight.models.summary import count_parameters, flops_per_volume, slices_first
+    from medsight.tasks.segmentation import SegmentationConfig, train
 
-    cfg = TrainConfig(
+    # Only options `medsight train` has, with its defaults unless given: batch and patch sizes come
+    # from the same plan (engine/plan.py) as on the command line.
+    cfg = SegmentationConfig(
         method=method, data=str(data), out=str(out / f"{method}-seed{args.seed if seed is None else seed}"),
-        epochs=args.epochs, iters_per_epoch=args.iters, batch_size=args.batch_size if method != "unet3d" else 2,
-        seed=args.seed if seed is None else seed, split_seed=args.seed, patience=args.epochs,
-        time_limit_minutes=args.minutes, max_val_cases=args.val_cases_per_epoch, overwrite=True,
+        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+        seed=args.seed if seed is None else seed, split_seed=args.seed, patience=args.patience,
+        time_limit=args.time_limit, max_val_cases=args.max_val_cases, overwrite=True,
         augmentation=args.augmentation, class_weights=args.class_weights, mirror_axes=args.mirror_axes,
         ema_decay=args.ema_decay,
         progress=not args.quiet,
@@ -161,8 +163,8 @@ def table(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    from medsight.engine.train import TrainConfig
     from medsight.engine.tta import parse_axes
+    from medsight.tasks.segmentation import SegmentationConfig
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -170,11 +172,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", type=Path, default=SHARED / "hippocampus")
     parser.add_argument("--brats", type=Path, default=SHARED / "brats2015")
     parser.add_argument("--methods", default="unet2d,context25d,unet3d")
-    parser.add_argument("--minutes", type=float, default=15.0, help="training budget per method")
+    parser.add_argument("--time-limit", type=float, default=15.0, help="training budget per method, minutes")
     parser.add_argument("--epochs", type=int, default=200)
-    parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--val-cases-per-epoch", type=int, default=10)
+    parser.add_argument("--steps-per-epoch", type=int, default=SegmentationConfig.steps_per_epoch)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: planned from the data")
+    parser.add_argument(
+        "--patience", type=int, default=200, help="as `medsight train --patience`; 200: no early stop"
+    )
+    parser.add_argument("--max-val-cases", type=int, default=10, help="validation cases per epoch")
     parser.add_argument("--augmentation", default="spatial", choices=["none", "intensity", "spatial"])
     parser.add_argument("--class-weights", default="auto", choices=["auto", "none"])
     parser.add_argument(
@@ -186,7 +191,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--ema-decay",
         type=float,
-        default=TrainConfig.ema_decay,
+        default=SegmentationConfig.ema_decay,
         help="decay of the weight average that is validated and scored (0: the weights as trained)",
     )
     parser.add_argument("--seed", type=int, default=0, help="split seed, and training seed of the main runs")
@@ -225,7 +230,7 @@ def main(argv=None) -> dict:
         from medsight.datasets.phantom import write_phantom_dataset
 
         args.data = write_phantom_dataset(runs / "phantom", 5, dim=3, seed=0)
-        args.brats, args.minutes, args.epochs, args.iters, args.batch_size = None, None, 1, 2, 2
+        args.brats, args.time_limit, args.epochs, args.steps_per_epoch, args.batch_size = None, None, 1, 2, 2
         args.spread_seeds = args.spread_seeds if args.spread_only else ""
     name = "segmentation-quick" if args.quick else "segmentation"
     methods = args.methods.split(",")
@@ -255,7 +260,7 @@ def main(argv=None) -> dict:
         results.update(
             {
                 "dataset": str(args.data),
-                "budget_minutes": args.minutes,
+                "budget_minutes": args.time_limit,
                 "seed": args.seed,
                 "ema_decay": args.ema_decay,
             }
@@ -272,7 +277,7 @@ def main(argv=None) -> dict:
         }
         scores = list(by_seed.values())
         results["seed_spread"][method] = {
-            "budget_minutes": args.minutes, "mean_dice_by_seed": by_seed, "median": float(np.median(scores)),
+            "budget_minutes": args.time_limit, "mean_dice_by_seed": by_seed, "median": float(np.median(scores)),
             "mean": float(np.mean(scores)), "std": float(np.std(scores)), "range": float(np.ptp(scores)),
         }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ def write_series(
     description: str = "test series",
     prefix: str = "",
     shuffle_seed: int | None = 0,
+    frame_of_reference_uid: str | None = None,
 ) -> dict:
     """volume is (slices, rows, cols) of stored integers. Returns the LPS geometry used."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -46,6 +47,8 @@ def write_series(
         ds.SeriesInstanceUID = series_uid
         ds.SeriesDescription = description
         ds.InstanceNumber = int(k) + 1
+        if frame_of_reference_uid is not None:
+            ds.FrameOfReferenceUID = frame_of_reference_uid
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row_dir, *col_dir)]
         ds.ImagePositionPatient = [f"{v:.6f}" for v in np.asarray(origin) + k * slice_step * normal]
         ds.PixelSpacing = [f"{pixel_spacing[0]}", f"{pixel_spacing[1]}"]

@@ -61,7 +61,7 @@ def context25d(phantom3d, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("ctx")
     config = TrainConfig(
-        method="context25d", data=str(phantom3d), out=str(out), slices=3, epochs=1, iters_per_epoch=1,
+        method="context25d", data=str(phantom3d), out=str(out), slices=3, epochs=1, steps_per_epoch=1,
         batch_size=2, max_val_cases=1, progress=False,
     )  # fmt: skip
     return Path(train(config)["best"])

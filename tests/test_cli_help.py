@@ -33,10 +33,10 @@ def test_help_imports_no_heavy_library_and_shows_whole_option_names(command):
     result = subprocess.run([sys.executable, "-c", PROBE, *command], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip().endswith("HEAVY:"), result.stdout[-200:]
-    # Piped help used to be cut at 80 columns: "--iters-per-ep…".
+    # Piped help used to be cut at 80 columns: "--iters-per-ep…" (now --steps-per-epoch).
     assert "…" not in result.stdout
     if command == ["train"]:
-        assert "--iters-per-epoch" in result.stdout and "--max-val-cases" in result.stdout
+        assert "--steps-per-epoch" in result.stdout and "--max-val-cases" in result.stdout
 
 
 # MONAI imported the way the commands import it, then the libraries it was kept from.

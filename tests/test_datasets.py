@@ -301,7 +301,7 @@ def test_unknown_option_and_layout_are_refused(tmp_path):
     with pytest.raises(MedsightError, match="image_names"):
         open_dataset(tmp_path, layout="msd", image_names=["x"])
     with pytest.raises(MedsightError, match="unknown layout"):
-        open_dataset(tmp_path, layout="bids")
+        open_dataset(tmp_path, layout="bogus")
 
 
 def test_empty_dataset_raises(tmp_path):

@@ -21,7 +21,7 @@ from medsight.engine.infer import Predictor, largest_components
 from medsight.engine.train import TrainConfig, class_weights, train
 
 MEDSIGHT = [sys.executable, "-m", "medsight.cli.main"]
-TINY = dict(epochs=2, iters_per_epoch=2, batch_size=2, max_val_cases=1, progress=False)
+TINY = dict(epochs=2, steps_per_epoch=2, batch_size=2, max_val_cases=1, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,10 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank, world, port, data, out, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    os.environ.update(  # what torchrun sets
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", TORCHELASTIC_RUN_ID="test",
+    )  # fmt: skip
     torch.set_num_threads(1)
     _, model = train(
         TrainConfig(method="context25d", data=data, out=out, slices=3, **TINY), return_model=True
@@ -183,7 +186,7 @@ def test_ddp_two_cpu_processes_hold_the_same_weights(phantom, tmp_path):
 def test_resume_after_kill_matches_an_unbroken_run(phantom, tmp_path, ema_decay):
     """With a weight average, resuming must restore both the weights and their average."""
     args = ["train", "--data", str(phantom), "--method", "context25d", "--slices", "3", "--epochs", "3",
-            "--iters-per-epoch", "2", "--batch-size", "2", "--max-val-cases", "1", "--ema-decay", ema_decay]  # fmt: skip
+            "--steps-per-epoch", "2", "--batch-size", "2", "--max-val-cases", "1", "--ema-decay", ema_decay]  # fmt: skip
     unbroken = subprocess.run([*MEDSIGHT, *args, "-o", str(tmp_path / "a")], capture_output=True, text=True)
     assert unbroken.returncode == 0, unbroken.stderr
     proc = subprocess.Popen(
@@ -433,7 +436,7 @@ def test_resume_refuses_changed_options_and_does_not_rerun_a_finished_run(traine
 
     def resume(*options, epochs="2"):
         return run_cli("train", "--data", str(phantom), "--method", "context25d", "--epochs", epochs,
-                       "--iters-per-epoch", "2", "--batch-size", "2", "--max-val-cases", "1", "-o", str(run),
+                       "--steps-per-epoch", "2", "--batch-size", "2", "--max-val-cases", "1", "-o", str(run),
                        "--resume", *options)  # fmt: skip
 
     result = resume("--slices", "5", "--lr", "0.01")
@@ -442,16 +445,10 @@ def test_resume_refuses_changed_options_and_does_not_rerun_a_finished_run(traine
     assert (run / "last.pt").read_bytes() == before
     result = resume("--slices", "3", epochs="4")
     assert result.returncode == 2 and "(--epochs)" in result.stderr  # more epochs is another schedule
-    # A run stopped early by its patience (here: after epoch 1 of 2) is finished: nothing is trained.
-    state = checkpoint.load(run / "last.pt")
-    state["training"].update(epoch=0, stale=10)
-    checkpoint.save(
-        run / "last.pt", {k: v for k, v in state.items() if k not in ("format", "medsight_version")}
-    )
-    stopped = (run / "last.pt").read_bytes()
+    # A finished run (its epochs done, or stopped by patience or budget) has nothing left to train.
     result = resume("--slices", "3")
     assert result.returncode == 0 and "nothing to resume" in result.stdout, result.stderr
-    assert (run / "last.pt").read_bytes() == stopped
+    assert (run / "last.pt").read_bytes() == before
 
 
 def test_resume_of_a_run_older_than_an_option_takes_what_it_ran_with(tmp_path):
@@ -484,7 +481,7 @@ def test_ctrl_c_says_how_to_continue(phantom, tmp_path):
     # to its children, as shells do for background jobs; Ctrl-C reaches a foreground run by default.
     proc = subprocess.Popen(
         [*MEDSIGHT, "train", "--data", str(phantom), "--method", "unet2d", "--epochs", "500",
-         "--iters-per-epoch", "2", "--batch-size", "2", "-o", str(tmp_path / "run")],
+         "--steps-per-epoch", "2", "--batch-size", "2", "-o", str(tmp_path / "run")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
@@ -516,3 +513,100 @@ def test_predict_names_same_named_inputs_by_folder_and_checks_every_output_first
     assert result.returncode == 2 and "pat2_flair.nii.gz: already exists" in result.stderr
     assert [p.name for p in (tmp_path / "out2").iterdir()] == ["pat2_flair.nii.gz"]  # nothing segmented
     assert (tmp_path / "out2" / "pat2_flair.nii.gz").read_bytes() == b"kept"
+
+
+# -- devices --------------------------------------------------------------------------------------------
+def test_device_and_precision_resolution():
+    from medsight.engine.loop import resolve_device, resolve_precision
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_precision("auto", torch.device("cpu")) == "32-true"
+    assert resolve_precision("bf16-mixed", torch.device("cpu")) == "bf16-mixed"
+    with pytest.raises(MedsightError, match="--device must be auto, cpu"):
+        resolve_device("gpu")
+    with pytest.raises(MedsightError, match="--precision must be auto or one of"):
+        resolve_precision("8", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(MedsightError, match="--device cuda:1: no CUDA device is available"):
+            resolve_device("cuda:1")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_without_cuda_is_one_line_and_exit_2(trained, phantom, tmp_path):
+    scan = next((phantom / "imagesTr").glob("*.nii.gz"))
+    for command in (
+        ["predict", str(scan), "-m", trained["best"], "-o", str(tmp_path / "p"), "--device", "cuda"],
+        ["train", "--data", str(phantom), "-o", str(tmp_path / "t"), "--device", "cuda"],
+    ):
+        result = run_cli(*command)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            "medsight: error: --device cuda: no CUDA device is available (this torch "
+            f"{torch.__version__} has no CUDA support); use --device cpu"
+        ]
+    assert not (tmp_path / "p").exists() and not (tmp_path / "t").exists()
+
+
+def test_predictor_runs_on_the_models_device(trained, phantom):
+    """The network's inputs are moved to wherever its weights are (here the CPU, as resolved)."""
+    predictor = Predictor(trained["best"], device="cpu")
+    seen = []
+    predictor.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].device))
+    predictor.predict(io.read(next((phantom / "imagesTr").glob("*.nii.gz"))))
+    weights = next(predictor.model.parameters()).device
+    assert seen and all(d == weights == predictor.device for d in seen)
+
+
+def test_plan_by_hand():
+    """Hippocampus-sized working volumes (36 x 52 x 36 after preprocessing, slices along axis 2):
+    slice windows 48 x 64 = 3072 voxels at 1536 bytes each = 4.5 MB -> 113 per 512 MB, capped at 16;
+    3D patches 48 x 64 x 48 = 147456 voxels = 216 MB -> 2 per 512 MB."""
+    from medsight.engine.plan import fingerprint, plan
+
+    facts = fingerprint([(36, 52, 36), (30, 50, 34)], channels=1, slice_axis=2)
+    assert facts["max_shape"] == [36, 52, 36]
+    assert plan(facts, "2.5d")["batch_size"] == 16 and plan(facts, "2.5d")["patch"] == [48, 64]
+    assert plan(facts, "3d")["batch_size"] == 2 and plan(facts, "3d")["patch"] == [48, 64, 48]
+    assert plan(facts, "3d", memory_budget=1024)["batch_size"] == 4
+    assert plan(facts, "3d", batch_size=3, patch_size=[32, 32, 32])["batch_size"] == 3
+    assert plan(facts, "3d", patch_size=[30, 32, 32])["patch"] == [32, 32, 32]
+    with pytest.raises(MedsightError, match="--patch-size needs 2"):
+        plan(facts, "2d", patch_size=[32, 32, 32])
+
+
+@pytest.mark.slow
+def test_worker_processes_draw_the_same_batches(phantom, tmp_path):
+    """Each batch comes from its own stream seeded by (seed, rank, epoch, step), so sampling in two
+    DataLoader worker processes trains exactly as sampling in the main process."""
+    runs = [
+        train(
+            TrainConfig(
+                method="unet2d",
+                data=str(phantom),
+                out=str(tmp_path / f"w{w}"),
+                num_workers=w,
+                **{**TINY, "steps_per_epoch": 3},
+            )
+        )  # fmt: skip
+        for w in (0, 2)
+    ]
+    first, second = (checkpoint.load(s["last"]) for s in runs)
+    assert [r["train_loss"] for r in first["training"]["history"]] == [
+        r["train_loss"] for r in second["training"]["history"]
+    ]
+    for key, value in first["state_dict"].items():
+        assert torch.equal(value, second["state_dict"][key]), key
+
+
+def test_time_budget_stops_after_the_epoch_that_passes_it(phantom, tmp_path):
+    """A budget of 6 ms is used up by the first step: that epoch is still validated and saved, the
+    run stops there, and resuming it has nothing left to train."""
+    options = dict(
+        method="unet2d", data=str(phantom), out=str(tmp_path), time_limit=1e-4, **{**TINY, "epochs": 4}
+    )
+    summary = train(TrainConfig(**options))
+    assert summary["epochs_run"] == 1 and (tmp_path / "best.pt").exists()
+    stopped = checkpoint.load(tmp_path / "last.pt")["training"]["stopped"]
+    assert stopped == "the 0.0001-minute budget is used"
+    assert train(TrainConfig(**{**options, "resume": True}))["epochs_run"] == 1

@@ -218,9 +218,9 @@ def test_folder_without_dicom(tmp_path):
 
 
 def test_unsupported_suffix(tmp_path):
-    (tmp_path / "scan.mha").write_bytes(b"x")
-    with pytest.raises(MedsightError, match="unsupported format '.mha'"):
-        io.read(tmp_path / "scan.mha")
+    (tmp_path / "scan.vtk").write_bytes(b"x")
+    with pytest.raises(MedsightError, match="unsupported format '.vtk'"):
+        io.read(tmp_path / "scan.vtk")
 
 
 def test_truncated_nifti(tmp_path):

@@ -194,7 +194,7 @@ def context25d(phantom3d, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("ctx")
     config = TrainConfig(
-        method="context25d", data=str(phantom3d), out=str(out), slices=3, epochs=1, iters_per_epoch=2,
+        method="context25d", data=str(phantom3d), out=str(out), slices=3, epochs=1, steps_per_epoch=2,
         batch_size=2, max_val_cases=1, progress=False,
     )  # fmt: skip
     return Path(train(config)["best"])
@@ -237,7 +237,7 @@ def test_training_refuses_a_nan_image_naming_case_and_count_before_any_step(cli,
     target.with_name("x.nii.gz").replace(target)
     code, _, err = cli(
         "train", "--data", data, "--method", "context25d", "--slices", "3", "--epochs", "1",
-        "--iters-per-epoch", "1", "--batch-size", "2", "-o", tmp_path / "run",
+        "--steps-per-epoch", "1", "--batch-size", "2", "-o", tmp_path / "run",
     )  # fmt: skip
     line = error_line(err)
     assert code == 2 and "case 'phantom_001'" in line and "17 non-finite voxels" in line
@@ -531,7 +531,7 @@ def test_a_study_lacking_a_series_is_flagged_and_training_refuses(cli, tmp_path)
     missing = [p for p in facts["problems"] if p["case"] == "patient1"]
     assert len(missing) == 1 and "(missing series T1 pre)" in missing[0]["file"]
     code, _, err = cli(
-        "train", "--data", root, "--method", "unet2d", "--epochs", "1", "--iters-per-epoch", "1",
+        "train", "--data", root, "--method", "unet2d", "--epochs", "1", "--steps-per-epoch", "1",
         "--val-fraction", "0.5", "-o", tmp_path / "run",
     )  # fmt: skip
     line = error_line(err)
@@ -584,3 +584,18 @@ def test_data_inspect_takes_the_series_mapping(cli, tmp_path):
     assert '"T1"' in stdout and "missing series" not in stdout
     code, stdout, _ = cli("data", "inspect", root, "--series", "T2,FLAIR", "--json", "--no-progress")
     assert stdout.count("(missing series T2)") == 2
+
+
+def test_a_nan_loss_stops_the_training_loop_before_any_checkpoint(cli, phantom3d, tmp_path, monkeypatch):
+    import torch
+
+    from medsight.losses import WeightedCEDiceLoss
+
+    monkeypatch.setattr(WeightedCEDiceLoss, "forward", lambda self, logits, target: logits.sum() * torch.nan)
+    code, _, err = cli(
+        "train", "--data", phantom3d, "--method", "context25d", "--slices", "3", "--epochs", "1",
+        "--steps-per-epoch", "2", "--batch-size", "2", "-o", tmp_path / "run",
+    )  # fmt: skip
+    line = error_line(err)
+    assert code == 2 and "the loss became nan at epoch 1, step 1" in line
+    assert not (tmp_path / "run" / "best.pt").exists() and not (tmp_path / "run" / "last.pt").exists()

@@ -16,7 +16,7 @@ DEMO_FOLDERS = ("phantom", "run", "predictions", "reference", "images", "evaluat
 
 
 def run_demo(
-    out: str | Path, cases: int = 16, epochs: int = 40, iters_per_epoch: int = 40, overwrite: bool = False
+    out: str | Path, cases: int = 16, epochs: int = 40, steps_per_epoch: int = 40, overwrite: bool = False
 ) -> Path:
     # 40 epochs, about 3 minutes on 2 cores: context25d learns the three structures one after another
     # (cyst, vessel by epoch 16, tumour by epoch 24), so a shorter demo leaves the tumour at Dice 0.
@@ -24,9 +24,9 @@ def run_demo(
     from medsight.datasets import fingerprint, open_dataset
     from medsight.datasets.phantom import write_phantom_dataset
     from medsight.engine.infer import Predictor
-    from medsight.engine.train import TrainConfig, train
     from medsight.evaluate import evaluate_folders
     from medsight.report.html import write_report
+    from medsight.tasks.segmentation import SegmentationConfig, train
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -50,12 +50,12 @@ def run_demo(
 
     print("3/5 training context25d (brief: a demo, not a benchmark)")
     summary = train(
-        TrainConfig(
+        SegmentationConfig(
             method="context25d",
             data=str(data),
             out=str(out / "run"),
             epochs=epochs,
-            iters_per_epoch=iters_per_epoch,
+            steps_per_epoch=steps_per_epoch,
             batch_size=8,
             seed=0,
             overwrite=True,

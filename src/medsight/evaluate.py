@@ -167,6 +167,59 @@ def image_metrics(
     return {"psnr": psnr, "ssim": ssim}
 
 
+def masked_image_metrics(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    mask: np.ndarray,
+    data_range: float,
+    channel_axis: int | None = None,
+) -> dict[str, float]:
+    """``psnr_fg`` (dB) and ``ssim_fg`` of ``pred`` against ``ref`` inside a foreground ``mask``.
+
+    ``mask`` has the spatial shape (no channel axis); ``data_range`` is required, because the
+    foreground's own range says nothing about the scale of the errors. PSNR uses the mean squared
+    error over the mask's voxels (and all channels). SSIM is scikit-image's SSIM map (the same
+    Gaussian-window settings as :func:`image_metrics`) averaged over the mask, after the map's border
+    of ``(window - 1) / 2`` voxels is dropped as scikit-image drops it for its mean, so an all-True
+    mask gives exactly :func:`image_metrics`'s SSIM.
+    """
+    from skimage.metrics import structural_similarity
+
+    pred, ref = np.asarray(pred, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
+    if not data_range > 0:
+        raise ValueError(f"data_range must be > 0, got {data_range}")
+    channel = None if channel_axis is None else channel_axis % ref.ndim
+    p = pred if channel is None else np.moveaxis(pred, channel, -1)
+    r = ref if channel is None else np.moveaxis(ref, channel, -1)
+    spatial = r.shape if channel is None else r.shape[:-1]
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != spatial:
+        raise ValueError(f"mask shape {mask.shape} differs from the spatial shape {spatial}")
+    pad = int(3.5 * SSIM_SIGMA + 0.5)  # half the Gaussian window scikit-image builds
+    inner = np.zeros_like(mask)
+    inner[tuple(slice(pad, n - pad) for n in spatial)] = True
+    inner &= mask
+    if not inner.any():
+        raise ValueError(f"the foreground mask is empty (or lies within {pad} voxels of the border)")
+    mse = float(np.mean((r[mask] - p[mask]) ** 2))
+    psnr = math.inf if mse == 0 else float(10 * np.log10(data_range**2 / mse))
+    _, ssim_map = structural_similarity(
+        r,
+        p,
+        data_range=data_range,
+        channel_axis=None if channel is None else -1,
+        gaussian_weights=True,
+        sigma=SSIM_SIGMA,
+        use_sample_covariance=False,
+        full=True,
+    )
+    if channel is not None:
+        ssim_map = ssim_map.mean(axis=-1)
+    return {"psnr_fg": psnr, "ssim_fg": float(ssim_map[inner].mean())}
+
+
 # -- folders ----------------------------------------------------------------------------------
 def _case_files(folder: Path) -> dict[str, Path]:
     """Case id -> file (or DICOM folder) for every readable entry of ``folder``."""

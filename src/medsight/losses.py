@@ -1,4 +1,4 @@
-"""Segmentation losses for strongly imbalanced labels (METHODS.md section 1)."""
+"""Segmentation losses for strongly imbalanced labels (docs/methods.md section 1)."""
 
 from __future__ import annotations
 

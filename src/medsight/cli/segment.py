@@ -35,8 +35,12 @@ def train(
         Path("runs/train"), "-o", "--out", help="Run folder: checkpoints, metrics.csv, curve."
     ),
     epochs: int = typer.Option(20, min=1),
-    iters_per_epoch: int = typer.Option(50, min=1, help="Optimiser steps per epoch."),
-    batch_size: int = typer.Option(16, min=1),
+    steps_per_epoch: int = typer.Option(50, min=1, help="Optimiser steps per epoch."),
+    batch_size: int = typer.Option(None, min=1, help="Samples per step (default: planned from the data)."),
+    patch_size: str = typer.Option(
+        None, help="Patch (3D: X,Y,Z) or slice window (2D/2.5D: H,W), e.g. 64,64 (default: planned)."
+    ),
+    memory_budget: float = typer.Option(512.0, help="MB of activations per batch the plan aims at."),
     lr: float = typer.Option(2e-3),
     slices: int = typer.Option(5, help="Slices per stack for context25d (odd)."),
     slice_axis: int = typer.Option(
@@ -52,7 +56,7 @@ def train(
     patience: int = typer.Option(10, help="Stop after this many epochs without a better validation Dice."),
     max_val_cases: int = typer.Option(None, help="Validate on at most this many cases per epoch."),
     time_limit: float = typer.Option(
-        None, help="Wall-clock budget in minutes; stops after the epoch that passes it."
+        None, help="Training budget in minutes; stops after the epoch that passes it."
     ),
     augmentation: str = typer.Option(
         "spatial", help="none, intensity, or spatial (rotation and scaling on top of intensity)."
@@ -70,6 +74,9 @@ def train(
         0.999,
         help="Validate and keep a moving average of the weights with this decay (0: the weights as trained).",
     ),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("auto", help="auto (mixed on CUDA, 32 on CPU), 32, 16-mixed, bf16-mixed."),
+    num_workers: int = typer.Option(0, min=0, help="DataLoader processes sampling training batches."),
     layout: str = typer.Option(None, help="Force a dataset layout instead of detecting it."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
@@ -82,7 +89,7 @@ def train(
         summary = train_fewshot(
             FewShotConfig(
                 data=str(data), out=str(out), method=method, layout=layout, seed=seed,
-                time_limit_minutes=time_limit, max_steps=epochs * iters_per_epoch, overwrite=overwrite,
+                time_limit_minutes=time_limit, max_steps=epochs * steps_per_epoch, overwrite=overwrite,
             )
         )  # fmt: skip
         typer.echo(
@@ -90,41 +97,24 @@ def train(
             f"{summary['checkpoint']}"
         )
         return
-    from medsight.engine.train import TrainConfig
-    from medsight.engine.train import train as run
     from medsight.engine.tta import parse_axes
     from medsight.errors import MedsightError
+    from medsight.tasks.segmentation import SegmentationConfig
+    from medsight.tasks.segmentation import train as run
 
     try:
         axes = parse_axes(mirror_axes)
     except ValueError as error:
         raise MedsightError(f"--mirror-axes: {error}") from None
-    summary = run(
-        TrainConfig(
-            method=method,
-            data=str(data),
-            out=str(out),
-            layout=layout,
-            epochs=epochs,
-            iters_per_epoch=iters_per_epoch,
-            batch_size=batch_size,
-            lr=lr,
-            slices=slices,
-            slice_axis=slice_axis,
-            val_fraction=val_fraction,
-            seed=seed,
-            split_seed=split_seed,
-            patience=patience,
-            max_val_cases=max_val_cases,
-            time_limit_minutes=time_limit,
-            augmentation=augmentation,
-            class_weights=class_weights,
-            mirror_axes=axes,
-            ema_decay=ema_decay,
-            resume=resume,
-            overwrite=overwrite,
-        )
-    )
+    try:
+        patch = parse_axes(patch_size) if patch_size else None
+    except ValueError as error:
+        raise MedsightError(f"--patch-size: {error}") from None
+    options = dict(locals())  # every option is a config field of the same name
+    keep = {f for f in SegmentationConfig.__dataclass_fields__} - {"layout_options", "model_kwargs"}
+    settings = {k: v for k, v in options.items() if k in keep}
+    settings.update(data=str(data), out=str(out), mirror_axes=axes, patch_size=patch)
+    summary = run(SegmentationConfig(**settings))
     if summary["rank"] == 0:
         typer.echo(f"best validation mean Dice {summary['best_val_mean_dice']:.4f}  ->  {summary['best']}")
 
@@ -143,6 +133,8 @@ def predict(
     tta: bool = typer.Option(
         False, help="Average over mirror images along the model's training --mirror-axes (2^n passes)."
     ),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("auto", help="auto (mixed on CUDA, 32 on CPU), 32, 16-mixed, bf16-mixed."),
     overwrite: bool = typer.Option(False),
     skip_existing: bool = typer.Option(
         False,
@@ -164,7 +156,14 @@ def predict(
     if skip_existing and overwrite:
         raise MedsightError("--skip-existing keeps existing masks and --overwrite replaces them; choose one")
     check_folder_writable(out)  # before loading anything
-    predictor = Predictor(model, backend="onnx" if onnx else "torch", onnx_path=onnx, tta=tta)
+    predictor = Predictor(
+        model,
+        backend="onnx" if onnx else "torch",
+        onnx_path=onnx,
+        tta=tta,
+        device=device,
+        precision=precision,
+    )
     options = dict(largest_component=largest_component, probabilities=save_probabilities, onnx=onnx, tta=tta)
     with predict_outputs(
         _expand(inputs), out, model, overwrite, skip_existing, save_probabilities, options

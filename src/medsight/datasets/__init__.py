@@ -1,7 +1,7 @@
 """Datasets in their own layouts, read in place (never converted).
 
-``open_dataset(path)`` detects the layout (MSD, nnU-Net raw v2, LViT folders, case folders,
-CSV manifest) and returns a :class:`Dataset` of :class:`Case` paths; ``Dataset.load_case``
+``open_dataset(path)`` detects the layout (MSD, nnU-Net raw v2, LViT folders, CSV manifest, BIDS,
+parallel image/label folders such as DRIVE, ``*_image``/``*_label`` pairs, DICOM studies, case folders) and returns a :class:`Dataset` of :class:`Case` paths; ``Dataset.load_case``
 reads one case as channel-first Scans. ``fingerprint`` summarises a dataset and lists its
 integrity problems; ``train_val_split`` makes deterministic splits.
 """

@@ -16,7 +16,7 @@ import numpy as np
 from medsight.errors import MedsightError
 from medsight.scan import Scan, require_finite
 
-PICTURE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+PICTURE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".gif")
 
 # Split names a layout may report, normalised so splitting code has one vocabulary.
 SPLIT_ALIASES = {

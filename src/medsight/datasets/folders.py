@@ -25,7 +25,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from medsight.datasets.base import Case, Dataset, dim_from_suffix, normalise_split
+from medsight.datasets.base import SPLIT_ALIASES, Case, Dataset, dim_from_suffix, normalise_split
 from medsight.errors import MedsightError
 from medsight.io import FORMATS, case_name, suffix_of
 
@@ -108,6 +108,8 @@ def _lvit_label(labelcol: Path, image_name: str, by_stem: dict[str, Path]) -> Pa
 
 
 def _picture_channel_names(path: Path | None) -> list[str]:
+    if path is not None and suffix_of(path) in (".tif", ".tiff", ".gif"):
+        return _channel_names_from_pixels(path)
     if path is None or suffix_of(path) not in (".png", ".jpg", ".jpeg", ".bmp"):
         return ["image"]
     from PIL import Image
@@ -118,6 +120,23 @@ def _picture_channel_names(path: Path | None) -> list[str]:
     except Exception:
         return ["image"]
     return ["R", "G", "B"] if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else ["grey"]
+
+
+def _channel_names_from_pixels(path: Path) -> list[str]:
+    """TIFF and GIF headers do not say simply whether medsight will see grey or colour: read one."""
+    from medsight import io
+
+    try:
+        channels = io.read(path).channels
+    except MedsightError:
+        return ["image"]
+    return (
+        ["R", "G", "B"]
+        if channels == 3
+        else ["grey"]
+        if channels == 1
+        else [f"ch{i}" for i in range(channels)]
+    )
 
 
 def open_lvit(root: Path, labels=None, modality=None, label_mapping=None) -> Dataset:
@@ -190,6 +209,12 @@ def _role(path: Path, case_id: str) -> str:
         if rest:
             return rest
     return stem
+
+
+def split_folders(root: Path) -> list[Path]:
+    """Subfolders named as splits (train, training, test...), for layouts whose other subfolders are
+    cases rather than splits."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_ALIASES)
 
 
 def find_case_folders(root: Path) -> list[tuple[Path, str | None]]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medsight.datasets import decathlon, dicom_study, folders, manifest
+from medsight.datasets import bids, decathlon, dicom_study, folders, manifest, named_pairs, parallel
 from medsight.datasets.base import Dataset
 from medsight.errors import MedsightError
 
@@ -41,6 +41,12 @@ LAYOUTS: dict[str, Layout] = {
                folders.is_lvit, folders.open_lvit),
         Layout("csv", "CSV manifest with image[,label,text,split] columns", manifest.is_manifest,
                manifest.open_manifest),
+        Layout("bids", "BIDS: sub-*/[ses-*/]anat/*.nii.gz, labels in derivatives/<pipeline>/", bids.is_bids,
+               bids.open_bids),
+        Layout("parallel-folders", "images/ beside a label folder (DRIVE: 1st_manual/, mask/ = field of view)",
+               parallel.is_parallel_folders, parallel.open_parallel_folders),
+        Layout("image-mask-pairs", "<case>_image.* with <case>_label.* or _mask.* in one folder (pyradiomics)",
+               named_pairs.is_named_pairs, named_pairs.open_named_pairs),
         Layout("dicom-study", "DICOM series folders: one study (case), or one study folder per patient",
                dicom_study.is_dicom_study, dicom_study.open_dicom_study),
         Layout("case-folders", "one folder per case (BraTS style), optional split folders",
@@ -59,7 +65,8 @@ def detect_layout(path: str | Path) -> str:
             return layout.name
     raise MedsightError(
         "no known dataset layout here (looked for dataset.json, LViT Train_Folder/img, a CSV manifest with an "
-        "'image' column, DICOM series folders, or case folders holding scan files); pass --layout to say which it is",
+        "'image' column, BIDS sub-*/anat, images/ beside a label folder, *_image/*_label pairs, DICOM series "
+        "folders, or case folders holding scan files); pass --layout to say which it is",
         path,
     )
 
@@ -75,6 +82,19 @@ def parse_labels(labels: Any) -> dict[int, str] | None:
     return {int(k): str(v) for k, v in dict(labels).items()}
 
 
+def _layout_for(path: Path, options: dict[str, Any]) -> str:
+    """The detected layout; naming files (image_names, label_name) means case folders unless the
+    detected layout takes those options too (BIDS does)."""
+    naming = {"image_names", "label_name"} & set(options)
+    try:
+        detected = detect_layout(path)
+    except MedsightError:
+        if naming:
+            return "case-folders"
+        raise
+    return "case-folders" if naming - set(LAYOUTS[detected].options) else detected
+
+
 def open_dataset(path: str | Path, layout: str | None = None, **options: Any) -> Dataset:
     """Open the dataset at ``path``; ``options`` are layout-specific (see ``LAYOUTS[name].options``),
     ``None`` values are ignored so a CLI can pass its defaults straight through."""
@@ -83,7 +103,7 @@ def open_dataset(path: str | Path, layout: str | None = None, **options: Any) ->
         raise MedsightError("no such file or folder", path)
     options = {k: v for k, v in options.items() if v is not None}
     if layout is None:
-        layout = "case-folders" if {"image_names", "label_name"} & set(options) else detect_layout(path)
+        layout = _layout_for(path, options)
     if layout not in LAYOUTS:
         raise MedsightError(f"unknown layout '{layout}'; known: {', '.join(LAYOUTS)}", path)
     chosen = LAYOUTS[layout]

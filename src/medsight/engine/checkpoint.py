@@ -10,12 +10,6 @@ from medsight.errors import MedsightError
 
 REQUIRED = ("format", "model", "state_dict", "labels", "preprocessing")
 FORMAT = "medsight-checkpoint-1"
-# The few-shot and text-guided trainers write this format too, with networks the engine's model
-# registry cannot rebuild: what each is, and the command that reads it.
-OTHER_TRAINERS = {
-    "fewshot": ("a few-shot model", "medsight fewshot"),
-    "textseg": ("a text-guided model", "medsight textseg predict"),
-}
 
 
 def _plain(value: Any) -> Any:
@@ -101,12 +95,10 @@ def load(path: str | Path, method: str | None = None) -> dict[str, Any]:
 
 
 def trainer_of(payload: dict[str, Any]) -> str:
-    """``"engine"`` for `medsight train` checkpoints, else the key of ``OTHER_TRAINERS`` that wrote it."""
-    if payload.get("method") == "textseg":
-        return "textseg"
-    if payload["model"].get("kind") == "fewshot-2d":
-        return "fewshot"
-    return "engine"
+    """The task that wrote ``payload`` (see :func:`medsight.tasks.registry.task_of`)."""
+    from medsight.tasks.registry import task_of
+
+    return task_of(payload)
 
 
 def load_weights(model, payload: dict[str, Any], path: str | Path) -> None:

@@ -15,12 +15,13 @@ def export_onnx(ckpt: str | Path, target: str | Path, overwrite: bool = False) -
     from medsight.engine import checkpoint
     from medsight.io import atomic_path
     from medsight.models.registry import build_model
+    from medsight.tasks.registry import get_task, task_of
 
     payload = checkpoint.load(ckpt)
-    trainer = checkpoint.trainer_of(payload)
-    if trainer != "engine":
+    task = get_task(task_of(payload), ckpt)
+    if task.name != "segmentation":
         raise MedsightError(
-            f"is {checkpoint.OTHER_TRAINERS[trainer][0]} ({payload['model']['name']}); ONNX export "
+            f"is {task.what} ({payload['model']['name']}); ONNX export "
             "supports the segmentation-engine checkpoints (unet2d, context25d, unet3d) only",
             ckpt,
         )

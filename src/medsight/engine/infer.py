@@ -6,11 +6,13 @@ model and its ONNX export (onnxruntime).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from medsight import progress
 from medsight.engine import checkpoint
 from medsight.engine.preprocess import Preprocessing
 from medsight.engine.sampling import from_working, pad_to, round_up, stack, to_working
@@ -31,7 +33,7 @@ def slice_probabilities(forward: Forward, image: np.ndarray, slices: int, batch:
     h, w, depth = image.shape[1:]
     padded = (round_up(h), round_up(w))
     out = None
-    for start in range(0, depth, batch):
+    for start in progress.bar(range(0, depth, batch), depth, f"segmenting {depth} slices", unit="batch"):
         idx = range(start, min(depth, start + batch))
         x = np.stack([pad_to(stack(image, s, slices), padded) for s in idx]).astype(np.float32)
         p = softmax(forward(x))[:, :, :h, :w]  # (b, K, H, W)
@@ -39,6 +41,15 @@ def slice_probabilities(forward: Forward, image: np.ndarray, slices: int, batch:
             out = np.zeros((p.shape[1], h, w, depth), np.float32)
         out[..., start : start + len(idx)] = np.moveaxis(p, 0, -1)
     return out
+
+
+def _windows(shape, patch, overlap: float) -> int:
+    """How many windows MONAI's sliding window visits (its scan interval is patch * (1 - overlap))."""
+    steps = [
+        1 if size <= p else math.ceil((size - p) / max(int(p * (1 - overlap)), 1)) + 1
+        for size, p in zip(shape, patch, strict=True)
+    ]
+    return math.prod(steps)
 
 
 def volume_probabilities(forward: Forward, image: np.ndarray, patch: tuple[int, ...]) -> np.ndarray:
@@ -57,6 +68,7 @@ def volume_probabilities(forward: Forward, image: np.ndarray, patch: tuple[int, 
             predictor,
             overlap=0.25,
             mode="gaussian",
+            progress=progress.wanted(_windows(image.shape[1:], patch, 0.25)),
         )
     return softmax(logits.numpy(), axis=1)[0]
 
@@ -109,15 +121,21 @@ class Predictor:
         backend: str = "torch",
         onnx_path: str | Path | None = None,
         tta: bool = False,
+        device: str = "auto",
+        precision: str = "auto",
     ):
+        from medsight.engine.loop import resolve_device, resolve_precision
+        from medsight.tasks.registry import get_task, task_of
+
+        self.device = resolve_device(device) if backend == "torch" else None
+        self.precision = resolve_precision(precision, self.device) if self.device is not None else "32-true"
         payload = checkpoint.load(ckpt_path)
         self.path = Path(ckpt_path)
-        trainer = checkpoint.trainer_of(payload)
-        if trainer != "engine":
-            what, command = checkpoint.OTHER_TRAINERS[trainer]
+        task = get_task(task_of(payload), ckpt_path)
+        if task.name != "segmentation":
             raise MedsightError(
-                f"is {what} ({payload['model']['name']}), not a unet2d/context25d/unet3d checkpoint; "
-                f"segment with `{command}` instead",
+                f"is {task.what} ({payload['model']['name']}), not a unet2d/context25d/unet3d checkpoint; "
+                f"segment with `{task.command}` instead",
                 ckpt_path,
             )
         # Test-time mirroring only along the axes the model was trained to see mirrored: along any
@@ -166,11 +184,15 @@ class Predictor:
 
             self.model = build_model(self.model_info["name"], **self.model_info["kwargs"])
             checkpoint.load_weights(self.model, payload, self.path)
-            self.model.eval()
+            self.model.eval().to(self.device)
+            autocast = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(self.precision)
 
             def forward(x: np.ndarray) -> np.ndarray:
-                with torch.no_grad():
-                    return self.model(torch.from_numpy(x)).numpy()
+                with (
+                    torch.no_grad(),
+                    torch.autocast(self.device.type, autocast, enabled=autocast is not None),
+                ):
+                    return self.model(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
 
             self.forward = forward
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medsight import progress
 from medsight.errors import MedsightError
 from medsight.scan import Scan
 
@@ -72,12 +73,40 @@ def _pixels(ds, path: Path) -> np.ndarray:
         raise MedsightError(f"pixel data cannot be decoded ({type(exc).__name__}: {exc})", path) from exc
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise MedsightError("multi-frame DICOM is not supported yet; export it as single-frame slices", path)
+    return _rescale(px, float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0))
+
+
+def _rescale(px: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Stored values -> modality values (HU...): integers stay integers when slope and intercept are
+    integral (a CT kept as int16 is 2/3 the size of float32 and exact); otherwise float32."""
+    if np.issubdtype(px.dtype, np.integer) and slope == round(slope) and intercept == round(intercept):
+        if slope == 1 and intercept == 0:
+            return px
+        wide = np.int32 if abs(slope) * 2 ** (8 * px.itemsize) + abs(intercept) < 2**31 else np.int64
+        return px.astype(wide) * int(slope) + int(intercept)
     px = px.astype(np.float32)
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    if slope != 1 or intercept != 0:
-        px = px * slope + intercept
-    return px
+    return px * slope + intercept if (slope, intercept) != (1, 0) else px
+
+
+def _stored_dtype(ds) -> np.dtype:
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    if bits not in (8, 16, 32):
+        return np.dtype(np.int16)
+    return np.dtype(f"{'i' if int(ds.get('PixelRepresentation', 0) or 0) else 'u'}{bits // 8}")
+
+
+def _compact(volume: np.ndarray, stored: np.dtype) -> np.ndarray:
+    """The smallest integer type among the stored one, int16, uint16 and int32 that holds every
+    value; float32 for non-integer values (slices may differ in rescale, so this is decided once)."""
+    if not np.issubdtype(volume.dtype, np.integer):
+        return volume.astype(np.float32, copy=False)
+    low, high = (int(volume.min()), int(volume.max())) if volume.size else (0, 0)
+    for dtype in dict.fromkeys(
+        (np.dtype(stored), np.dtype(np.int16), np.dtype(np.uint16), np.dtype(np.int32))
+    ):
+        if np.issubdtype(dtype, np.integer) and np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
+            return volume.astype(dtype, copy=False)
+    return volume.astype(np.float64 if max(-low, high) > 2**24 else np.float32)
 
 
 # A gap may differ from the series' spacing by 1% of it (plus 1 micrometre): ImagePositionPatient is
@@ -115,7 +144,7 @@ def _read_files(files: list[Path], where: Path) -> Scan:
     import pydicom
 
     datasets = []
-    for f in files:
+    for f in progress.bar(files, len(files), "reading DICOM", unit="file"):
         try:
             datasets.append((f, pydicom.dcmread(str(f))))
         except Exception as exc:
@@ -143,7 +172,7 @@ def _read_files(files: list[Path], where: Path) -> Scan:
         if slices and px.shape[::-1] != slices[0].shape:
             raise MedsightError(f"slice size {px.shape} differs from the series' {slices[0].shape[::-1]}", f)
         slices.append(px.T)  # (rows, cols) -> (col, row): voxel axis i follows the row direction
-    volume = np.stack(slices, axis=-1)  # (cols, rows, slices)
+    volume = _compact(np.stack(slices, axis=-1), _stored_dtype(datasets[0][1]))  # (cols, rows, slices)
 
     first = datasets[0][1]
     ps = first.get("PixelSpacing") or first.get("ImagerPixelSpacing") or [1.0, 1.0]

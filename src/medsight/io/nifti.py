@@ -1,4 +1,9 @@
-"""NIfTI-1/2 through nibabel. NIfTI stores (X, Y, Z[, C]); Scan is channel-first."""
+"""NIfTI-1/2 through nibabel. NIfTI stores (X, Y, Z[, C]); Scan is channel-first.
+
+The header's units (xyzt_units) travel in ``meta["nifti_xyzt_units"]`` so that reading then writing
+keeps them; a scan from elsewhere is written in mm, the unit of every medsight affine. Voxels are
+written in the array's own dtype (an int16 CT stays int16).
+"""
 
 from __future__ import annotations
 
@@ -26,7 +31,12 @@ def read(path: Path) -> Scan:
     else:
         raise MedsightError(f"unsupported NIfTI shape {data.shape}", path)
     zooms = img.header.get_zooms()
-    return Scan(data, img.affine, meta={"format": "nifti", "header_zooms": [float(z) for z in zooms]})
+    meta = {
+        "format": "nifti",
+        "header_zooms": [float(z) for z in zooms],
+        "nifti_xyzt_units": int(img.header["xyzt_units"]),
+    }
+    return Scan(data, img.affine, meta=meta)
 
 
 def write(scan: Scan, path: Path) -> None:
@@ -43,4 +53,9 @@ def write(scan: Scan, path: Path) -> None:
     img = nib.Nifti1Image(data, scan.affine)
     img.set_qform(scan.affine, code=1)
     img.set_sform(scan.affine, code=1)
+    units = scan.meta.get("nifti_xyzt_units")
+    if units is None:
+        img.header.set_xyzt_units(xyz="mm")
+    else:
+        img.header["xyzt_units"] = int(units)
     nib.save(img, str(path))

@@ -1,18 +1,35 @@
-"""One reader (and optionally one writer) per format, chosen by file suffix.
+"""One reader (and optionally one writer) per format, chosen by file suffix from one table
+(``FORMATS``); :func:`register` adds a format.
 
-A reader takes a path and returns a Scan; a writer takes a Scan and a path. Modules are imported
-on first use so that importing medsight.io stays cheap.
+The contract (:class:`Reader`, :class:`Writer`): a reader takes a path (and format options such as
+``series=``) and returns a :class:`~medsight.scan.Scan`, channel-first with its 4x4 RAS affine; bad
+input raises :class:`~medsight.errors.MedsightError` (any other exception is turned into one, naming
+the file); :func:`read` sets ``scan.path``. A writer takes a Scan and the exact path to write (a
+temporary sibling that :func:`write` renames into place, so a failed write leaves nothing behind).
+Built-in formats name a module ``medsight.io.<module>`` defining ``read`` and ``write``, imported on
+first use so that importing medsight.io stays cheap.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Protocol
 
 from medsight.errors import MedsightError
 from medsight.io.atomic import atomic_path
 from medsight.scan import Scan
+
+
+class Reader(Protocol):
+    def __call__(self, path: Path, **options) -> Scan: ...
+
+
+class Writer(Protocol):
+    def __call__(self, scan: Scan, path: Path) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -21,8 +38,12 @@ class Format:
     suffixes: tuple[str, ...]
     module: str  # medsight.io.<module> defines read(path) and, if writable, write(scan, path)
     writable: bool
+    reader: Callable | None = None  # a registered format's own functions, instead of a module
+    writer: Callable | None = None
 
     def impl(self):
+        if self.reader is not None:
+            return SimpleNamespace(read=self.reader, write=self.writer)
         return importlib.import_module(f"medsight.io.{self.module}")
 
 
@@ -32,10 +53,28 @@ FORMATS: dict[str, Format] = {
         Format("nifti", (".nii", ".nii.gz"), "nifti", True),
         Format("dicom", (".dcm",), "dicom", False),  # a folder is read as DICOM too
         Format("nrrd", (".nrrd", ".nhdr"), "nrrd", True),
-        Format("image", (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"), "image2d", True),
+        Format("image", (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".gif"), "image2d", True),
+        Format("metaimage", (".mha",), "metaimage", True),
+        # a .mhd header names a separate data file, which a write-then-rename would orphan: read only
+        Format("metaimage-header", (".mhd",), "metaimage", False),
         Format("numpy", (".npy", ".npz"), "numpy_io", True),
     )
 }
+
+
+def register(
+    suffixes: tuple[str, ...] | list[str], reader: Reader, writer: Writer | None = None, name: str = ""
+):
+    """Add a format read by ``reader`` (and written by ``writer``) for files with these suffixes
+    (lower case, with the dot: ``(".mha",)``). A suffix another format already reads is refused."""
+    suffixes = tuple(s.lower() for s in suffixes)
+    taken = {s: f.name for f in FORMATS.values() for s in f.suffixes}
+    clash = [f"{s} ({taken[s]})" for s in suffixes if s in taken]
+    if clash or not suffixes or not all(s.startswith(".") for s in suffixes):
+        raise ValueError(f"suffixes must be new and start with a dot; taken: {', '.join(clash) or '-'}")
+    fmt = Format(name or suffixes[0].lstrip("."), suffixes, "", writer is not None, reader, writer)
+    FORMATS[fmt.name] = fmt
+    return fmt
 
 
 def suffix_of(path: str | Path) -> str:

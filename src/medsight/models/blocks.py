@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ASPP", "DepthwiseSeparableConv2d", "SqueezeExcite", "conv_norm_act2d", "pad_to_multiple"]
+__all__ = [
+    "ASPP",
+    "DepthwiseSeparableConv2d",
+    "DynamicConv2d",
+    "PolarizedSelfAttention",
+    "SqueezeExcite",
+    "conv_norm_act2d",
+    "pad_to_multiple",
+]
 
 
 def conv_norm_act2d(
@@ -149,3 +157,97 @@ def pad_to_multiple(x: torch.Tensor, multiple: int | Sequence[int]) -> tuple[tor
     for amount in reversed(extra):  # F.pad lists the last axis first
         pad += [0, amount]
     return F.pad(x, pad), crop
+
+
+class PolarizedSelfAttention(nn.Module):
+    """Polarized self-attention, parallel layout (Liu et al. 2021, arXiv 2107.00782), 2D.
+
+    Channel-only branch: ``q = softmax_HW(W_q x)`` (one map, ``C -> 1``), ``v = W_v x`` (``C -> C/2``);
+    ``z = v q`` collapses the spatial axes fully, then ``a_ch = sigmoid(LN(W_z z))`` (``C/2 -> C``).
+    Spatial-only branch: ``q = softmax_C(avgpool(W_q x))`` (``C -> C/2``, channels collapsed after
+    pooling), ``v = W_v x`` (``C -> C/2``); ``a_sp = sigmoid(q^T v)``, one weight per pixel.
+    Output ``a_ch * x + a_sp * x``: with all weights zero both gates are 0.5 and the block is the identity.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        if channels < 2:
+            raise ValueError(f"PolarizedSelfAttention needs >= 2 channels, got {channels}")
+        half = channels // 2
+        self.ch_q = nn.Conv2d(channels, 1, 1)
+        self.ch_v = nn.Conv2d(channels, half, 1)
+        self.ch_z = nn.Conv2d(half, channels, 1)
+        self.ch_norm = nn.LayerNorm(channels)
+        self.sp_q = nn.Conv2d(channels, half, 1)
+        self.sp_v = nn.Conv2d(channels, half, 1)
+
+    def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, 1, 1)`` channel weights in (0, 1)."""
+        q = torch.softmax(self.ch_q(x).flatten(2), dim=2)  # (B, 1, HW)
+        z = torch.bmm(self.ch_v(x).flatten(2), q.transpose(1, 2))  # (B, C/2, 1)
+        z = self.ch_z(z.unsqueeze(-1)).flatten(1)  # (B, C)
+        return torch.sigmoid(self.ch_norm(z))[..., None, None]
+
+    def spatial_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)`` pixel weights in (0, 1)."""
+        q = torch.softmax(self.sp_q(x).mean(dim=(2, 3)), dim=1)  # (B, C/2)
+        s = torch.bmm(q.unsqueeze(1), self.sp_v(x).flatten(2))  # (B, 1, HW)
+        return torch.sigmoid(s).reshape(x.shape[0], 1, *x.shape[2:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.channel_gate(x) + x * self.spatial_gate(x)
+
+
+class DynamicConv2d(nn.Module):
+    """Dynamic (perception) convolution: ``K`` kernels mixed per sample by input-dependent attention.
+
+    ``pi = softmax(MLP(avgpool(x)) / temperature)`` over the ``K`` kernels (Chen et al. 2020,
+    "Dynamic Convolution"); each sample is convolved with ``sum_k pi_k W_k`` (and ``sum_k pi_k b_k``).
+    The batch runs as one grouped convolution (``groups = B``), so the cost is that of one
+    ordinary convolution plus the tiny attention MLP. ``forward(x, attention=...)`` takes given
+    ``(B, K)`` weights instead (tests, analysis). A large ``temperature`` keeps the mix near uniform
+    early in training, as the paper recommends; it can be lowered later through the attribute.
+    """
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel_size: int = 3,
+        kernels: int = 4,
+        reduction: int = 4,
+        temperature: float = 30.0,
+        bias: bool = True,
+    ):
+        super().__init__()
+        if kernels < 1 or temperature <= 0 or kernel_size % 2 == 0:
+            raise ValueError(
+                f"need kernels >= 1, temperature > 0 and an odd kernel_size ('same' padding), "
+                f"got {kernels}, {temperature} and {kernel_size}"
+            )
+        self.in_ch, self.out_ch, self.kernel_size, self.kernels = in_ch, out_ch, kernel_size, kernels
+        self.temperature = float(temperature)
+        self.weight = nn.Parameter(torch.empty(kernels, out_ch, in_ch, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(kernels, out_ch)) if bias else None
+        for k in range(kernels):  # each kernel initialised like an ordinary convolution
+            nn.init.kaiming_uniform_(self.weight[k], a=5**0.5)
+        hidden = max(4, in_ch // reduction)
+        self.fc1 = nn.Linear(in_ch, hidden)
+        self.fc2 = nn.Linear(hidden, kernels)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, K)`` kernel weights, summing to 1 per sample."""
+        logits = self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3)))))
+        return torch.softmax(logits / self.temperature, dim=1)
+
+    def forward(self, x: torch.Tensor, attention: torch.Tensor | None = None) -> torch.Tensor:
+        b, _, h, w = x.shape
+        pi = self.attention(x) if attention is None else attention
+        weight = torch.einsum("bk,koihw->boihw", pi, self.weight).reshape(
+            -1, self.in_ch, *self.weight.shape[3:]
+        )
+        bias = None if self.bias is None else (pi @ self.bias).reshape(-1)
+        y = F.conv2d(
+            x.reshape(1, b * self.in_ch, h, w), weight, bias, padding=self.kernel_size // 2, groups=b
+        )
+        return y.reshape(b, self.out_ch, *y.shape[2:])

@@ -1,4 +1,4 @@
-"""Context-aware 2.5D segmentation network (METHODS.md section 1; patent CN114723669A).
+"""Context-aware 2.5D segmentation network (docs/methods.md section 1; patent CN114723669A).
 
 The network reads ``k`` consecutive slices ``(B, C, k, H, W)`` and predicts logits for the centre
 slice ``(B, num_classes, H, W)``.

@@ -1,5 +1,5 @@
 """LViT: a U-shaped CNN branch and a ViT branch side by side, with text fused into the ViT branch
-(Li et al., IEEE TMI 2023, arXiv 2206.14718; METHODS.md section 2). Our own implementation.
+(Li et al., IEEE TMI 2023, arXiv 2206.14718; docs/methods.md section 2). Our own implementation.
 
 Layout (``w`` = ``width``; the U has four CNN levels with 1, 2, 4, 8 times ``w`` channels and a
 bottleneck one scale below the last):
@@ -9,7 +9,7 @@ bottleneck one scale below the last):
   conv) precedes the 1x1 head. This is how MONAI's U-Net spends its compute too (its first level
   is already strided). On this CPU it makes a training step 2.4x faster than levels starting at
   full resolution, with the same parameters, and the budgeted benchmark scores higher for it
-  (README). ``stem=False`` keeps the first level at full resolution, as in the paper's figure;
+  (docs/experiments.md). ``stem=False`` keeps the first level at full resolution, as in the paper's figure;
 - every ViT stage works on one shared token grid, 16 pixels of the first level per token. Down
   stage ``i`` patch-embeds the level-``i`` map with patches of ``16/2^i`` pixels, adds the tokens
   carried from the previous stage (linearly widened), runs ``depth`` pre-norm transformer layers,

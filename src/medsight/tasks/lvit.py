@@ -1,4 +1,4 @@
-"""Text-guided semi-supervised 2D segmentation (LViT, METHODS.md section 2): training and inference.
+"""Text-guided semi-supervised 2D segmentation (LViT, docs/methods.md section 2): training and inference.
 
 A run trains on the dataset's ``train`` split and keeps the checkpoint with the best validation Dice
 on its ``val`` split (a seeded split when the layout has none). ``labeled_fraction`` keeps the masks

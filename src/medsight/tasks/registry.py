@@ -1,0 +1,88 @@
+"""The task registry: one entry per training method, mapping the ``task`` a checkpoint records to
+the LightningModule that trains it, the predictor that reads it and its commands.
+
+Entries name their classes as ``"module:attribute"`` strings, imported on first use, so listing the
+tasks stays cheap. Adding a method: a task module that subclasses
+:class:`medsight.engine.loop.MedsightTask` and calls :func:`register_task` (or an entry in
+``BUILTIN`` below for the ones shipped with medsight), plus its network in the model registry.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medsight.errors import MedsightError
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    module_class: Any  # a MedsightTask subclass, or "module:Class"
+    predictor_factory: Any  # callable(checkpoint_path, **options) -> predictor, or "module:callable"
+    cli_register: Any = None  # callable(typer app) adding the task's commands, or "module:callable"
+    what: str = ""  # what its checkpoint holds, for messages
+    command: str = "medsight predict"  # the command that segments with it
+
+    def resolve(self, attribute: str):
+        value = getattr(self, attribute)
+        if isinstance(value, str):
+            module, _, name = value.partition(":")
+            return getattr(importlib.import_module(module), name)
+        return value
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(name, module_class, predictor_factory, cli_register=None, what="", command="") -> Task:
+    """Register a task under ``name`` (the ``task`` its checkpoints record)."""
+    task = Task(
+        name, module_class, predictor_factory, cli_register, what or name, command or "medsight predict"
+    )
+    TASKS[name] = task
+    return task
+
+
+register_task(
+    "segmentation", "medsight.tasks.segmentation:SegmentationTask", "medsight.tasks.segmentation:predictor",
+    "medsight.cli.segment:register", "a unet2d/context25d/unet3d model", "medsight predict",
+)  # fmt: skip
+register_task(
+    "fewshot", None, "medsight.tasks.fewshot:FewShotPredictor", "medsight.cli.fewshot:register",
+    "a few-shot model", "medsight fewshot",
+)  # fmt: skip
+register_task(
+    "textseg", None, "medsight.tasks.lvit:TextSegPredictor", "medsight.cli.textseg:register",
+    "a text-guided model", "medsight textseg predict",
+)  # fmt: skip
+
+
+def task_of(payload: dict[str, Any]) -> str:
+    """The task that wrote a checkpoint: its ``task`` entry, or for checkpoints older than that
+    entry, inferred from what the few-shot and text-guided trainers wrote."""
+    if payload.get("task"):
+        return payload["task"]
+    if payload.get("method") == "textseg":
+        return "textseg"
+    if payload["model"].get("kind") == "fewshot-2d":
+        return "fewshot"
+    return "segmentation"
+
+
+def get_task(name: str, path: str | Path | None = None) -> Task:
+    if name not in TASKS:
+        raise MedsightError(
+            f"was written by the unknown task '{name}'; choose one of {', '.join(TASKS)}", path
+        )
+    return TASKS[name]
+
+
+def load_predictor(path: str | Path, **options):
+    """The predictor of the task that wrote the checkpoint at ``path``."""
+    from medsight.engine import checkpoint
+
+    task = get_task(task_of(checkpoint.load(path)), path)
+    return task.resolve("predictor_factory")(path, **options)

@@ -1,0 +1,272 @@
+"""Supervised segmentation (unet2d, context25d, unet3d) as a task of the training loop.
+
+Open the dataset (any supported layout), split it by seed, fit and apply preprocessing, plan batch
+and patch sizes from the data, train on foreground-oversampled slices or patches, validate each epoch
+by mean Dice over the foreground classes. Everything else (devices, resume, best/last, early stop,
+weight average, DDP) is the loop's: :mod:`medsight.engine.loop`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from medsight.engine.loop import LoopConfig, MedsightTask, Shared, fit, world
+from medsight.errors import MedsightError
+
+
+@dataclass(kw_only=True)
+class SegmentationConfig(LoopConfig):
+    method: str = "context25d"
+    data: str = ""
+    layout: str | None = None
+    layout_options: dict[str, Any] = field(default_factory=dict)
+    val_fraction: float = 0.2
+    split_seed: int | None = None  # defaults to seed; fix it to compare training seeds on one split
+    slices: int = 5
+    slice_axis: int | None = None  # for 2D/2.5D methods; None chooses (preprocess.choose_slice_axis)
+    patch_size: list[int] | None = None  # None: planned from the data (engine/plan.py)
+    memory_budget: float = 512.0  # MB of activations per batch the plan aims at
+    augmentation: str = "spatial"  # "none", "intensity" or "spatial" (rotation and scaling too)
+    class_weights: str = "auto"  # "auto": log-damped inverse frequency; "none": plain cross-entropy
+    # Spatial axes along which mirror images are anatomically plausible and keep their label names.
+    mirror_axes: list[int] = field(default_factory=list)
+    max_val_cases: int | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def dice_per_class(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[float]:
+    """Foreground classes only; a class absent from both counts as 1 (nothing to find, nothing found)."""
+    out = []
+    for c in range(1, n_classes):
+        p, r = pred == c, ref == c
+        denom = p.sum() + r.sum()
+        out.append(1.0 if denom == 0 else 2.0 * (p & r).sum() / denom)
+    return out
+
+
+def class_weights(labels: list[np.ndarray], n_classes: int) -> list[float]:
+    """Log-damped inverse frequency, ``1 + ln(f_background / f_c)``: small lesions weigh more, but
+    not by the raw frequency ratio (hundreds for a small lesion), which makes the network paint
+    foreground everywhere early in training."""
+    counts = np.bincount(np.concatenate([y.ravel() for y in labels]), minlength=n_classes).astype(float)
+    counts = np.maximum(counts, 1.0)
+    return [1.0] + [float(1.0 + np.log(max(counts[0] / c, 1.0))) for c in counts[1:]]
+
+
+def _label_lookup(values: list[int]) -> np.ndarray:
+    """Stored label value -> class index (0..K-1), so non-contiguous label sets train too."""
+    lut = np.zeros(max(values) + 1, np.int64)
+    lut[values] = np.arange(len(values))
+    return lut
+
+
+def _read_cases(dataset, ids, what: str, progress: bool) -> list:
+    from tqdm import tqdm
+
+    pairs = []
+    for cid in tqdm(ids, desc=f"reading {what}", disable=not progress, leave=False):
+        image, label = dataset.load_case(dataset.case(cid))
+        if label is None:
+            raise MedsightError(f"case '{cid}' has no label", dataset.root)
+        pairs.append((image, label))
+    return pairs
+
+
+def prepare_data(cfg: SegmentationConfig, slice_wise: bool, progress: bool = True) -> dict[str, Any]:
+    """Open, split, read and preprocess; ``train``/``val`` are lists of (image, label) arrays."""
+    from medsight.datasets import open_dataset, split_dataset
+    from medsight.engine.preprocess import Preprocessing
+
+    dataset = open_dataset(cfg.data, cfg.layout, **cfg.layout_options)
+    if dataset.dim != 3:
+        raise MedsightError("segmentation training needs 3D volumes; this dataset is 2D", cfg.data)
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    train_ids, val_ids = split_dataset(dataset, cfg.val_fraction, split_seed)
+    if not train_ids or not val_ids:
+        raise MedsightError("need at least one training and one validation case", cfg.data)
+    if cfg.max_val_cases:
+        val_ids = val_ids[: cfg.max_val_cases]
+    train_pairs = _read_cases(dataset, train_ids, "training cases", progress)
+    val_pairs = _read_cases(dataset, val_ids, "validation cases", progress)
+    values = (
+        sorted(dataset.labels)
+        if dataset.labels
+        else sorted({0} | {int(v) for _, lab in train_pairs for v in np.unique(lab.array)})
+    )
+    labels = {v: dataset.labels.get(v, f"label_{v}") for v in values}
+    lut = _label_lookup(values)
+    pre = Preprocessing.fit(
+        [i for i, _ in train_pairs],
+        [lab for _, lab in train_pairs],
+        dataset.modality,
+        slice_wise,
+        cfg.slice_axis,
+    )
+
+    def apply(pairs):
+        out = []
+        for image, label in pairs:
+            work = pre.image(image)
+            lab = pre.resample(label, label=True).array[0]
+            if lab.max() >= len(lut) or (lut[lab] == 0).sum() != (lab == 0).sum():
+                raise MedsightError(
+                    f"label values {np.unique(lab).tolist()} outside the classes {values}", image.path
+                )
+            out.append((work.array.astype(np.float32), lut[lab]))
+        return out
+
+    return {
+        "train_ids": train_ids,
+        "val_ids": val_ids,
+        "labels": labels,
+        "pre": pre,
+        "train": apply(train_pairs),
+        "val": apply(val_pairs),
+    }
+
+
+class SegmentationTask(MedsightTask):
+    name = "segmentation"
+    resume_ignores = {"data"}
+
+    def __init__(self, cfg: SegmentationConfig):
+        from medsight.engine.augment import LEVELS
+        from medsight.models.registry import MODELS
+
+        super().__init__(cfg)
+        if cfg.method not in MODELS:
+            raise MedsightError(f"unknown method '{cfg.method}'; choose one of {', '.join(MODELS)}")
+        self.kind = MODELS[cfg.method].input_kind
+        axes = cfg.mirror_axes
+        if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+            raise MedsightError(f"mirror axes must be distinct spatial axes 0, 1 or 2, not {axes}")
+        if cfg.class_weights not in ("auto", "none"):
+            raise MedsightError(f"class_weights must be 'auto' or 'none', not {cfg.class_weights!r}")
+        if cfg.augmentation not in LEVELS:
+            raise MedsightError(f"augmentation must be one of {', '.join(LEVELS)}, not {cfg.augmentation!r}")
+        if self.kind == "2.5d" and (cfg.slices < 1 or cfg.slices % 2 == 0):
+            raise MedsightError(
+                f"slices must be odd (the centre slice is the one segmented), not {cfg.slices}"
+            )
+        self.slices = cfg.slices if self.kind == "2.5d" else 1
+
+    def model_name(self) -> str:
+        return self.cfg.method
+
+    def prepare(self) -> None:
+        from medsight.engine import plan
+        from medsight.engine.augment import Augmenter
+        from medsight.engine.sampling import PatchSampler, to_working
+        from medsight.losses import WeightedCEDiceLoss
+        from medsight.models.registry import build_model
+
+        cfg, rank = self.cfg, world()[0]
+        data = prepare_data(cfg, slice_wise=self.kind != "3d", progress=cfg.progress and rank == 0)
+        pre, self.labels = data["pre"], data["labels"]
+        n_classes = len(self.labels)
+        facts = plan.fingerprint([y.shape for _, y in data["train"]], pre.in_channels, pre.slice_axis)
+        self.plan = plan.plan(facts, self.kind, cfg.memory_budget, cfg.batch_size, cfg.patch_size)
+        if rank == 0 and cfg.progress:
+            print(plan.describe(self.plan, cfg.method))
+        self.model_kwargs = {"in_channels": pre.in_channels, "num_classes": n_classes, **cfg.model_kwargs}
+        if self.kind == "2.5d":
+            self.model_kwargs["slices"] = self.slices
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.method, **self.model_kwargs)
+        weights = (
+            class_weights([y for _, y in data["train"]], n_classes) if cfg.class_weights == "auto" else None
+        )
+        self.loss_fn = WeightedCEDiceLoss(n_classes, class_weights=weights)
+        work = data["train"]
+        if self.kind != "3d":  # slice-wise samplers want the slice axis last
+            work = [(to_working(x, pre.slice_axis), to_working(y[None], pre.slice_axis)[0]) for x, y in work]
+        patch = tuple(self.plan["patch"])
+        sampler = PatchSampler(
+            [x for x, _ in work], [y for _, y in work], self.kind, patch, self.slices, None,
+            mirror_axes=cfg.mirror_axes, slice_axis=pre.slice_axis,
+        )  # fmt: skip
+        self.data = Shared(
+            {**data, "sampler": sampler, "augmenter": Augmenter(self.kind, cfg.augmentation, patch)}
+        )
+        self.pre = pre
+
+    def make_batch(self, rng: np.random.Generator):
+        data = self.data.value
+        data["sampler"].rng = rng
+        x, y = data["augmenter"](*data["sampler"].batch(self.plan["batch_size"]), rng)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.loss_fn(self.model(x), y)
+
+    def val_dataloader(self):
+        return self.cases_loader(self.data.value["val"])
+
+    def on_validation_epoch_start(self) -> None:
+        self._scores: list[list[float]] = []
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.model(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
+
+    def validation_step(self, case, batch_idx) -> None:
+        from medsight.engine.infer import probabilities
+
+        x, y = case
+        patch = self.plan["patch"]
+        pred = np.argmax(
+            probabilities(self._forward, x, self.kind, self.slices, patch, self.pre.slice_axis), axis=0
+        )
+        self._scores.append(dice_per_class(pred, y, len(self.labels)))
+
+    def on_validation_epoch_end(self) -> None:
+        per_class = np.mean(self._scores, axis=0)
+        names = list(self.labels.values())[1:]
+        metrics = {"val_mean_dice": float(per_class.mean())}
+        metrics |= {f"val_dice_{n}": float(d) for n, d in zip(names, per_class, strict=True)}
+        self.record_epoch(metrics["val_mean_dice"], metrics)
+
+    def checkpoint_payload(self) -> dict[str, Any]:
+        data = self.data.value
+        return {
+            "model": {
+                "name": self.cfg.method,
+                "kind": self.kind,
+                "slices": self.slices,
+                "kwargs": self.model_kwargs,
+            },
+            "labels": {int(k): v for k, v in self.labels.items()},
+            "preprocessing": self.pre.to_dict(),
+            "patch": list(self.plan["patch"]),
+            "plan": self.plan,
+            "mirror_axes": sorted(self.cfg.mirror_axes),
+            "data": {
+                "root": str(self.cfg.data),
+                "train_ids": data["train_ids"],
+                "val_ids": data["val_ids"],
+                "seed": self.cfg.seed,
+            },
+        }
+
+    def summary_of(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"method": payload["model"]["name"], "val_ids": payload["data"]["val_ids"]}
+
+
+def train(cfg: SegmentationConfig, return_model: bool = False):
+    """Train; return a summary (best Dice, epochs, seconds, validation ids, checkpoint paths), and
+    with ``return_model`` also the network as it ended (what each DDP process holds)."""
+    task = SegmentationTask(cfg)
+    summary = fit(task, cfg)
+    summary["best_val_mean_dice"] = summary["best_val_score"]
+    return (summary, task.model) if return_model else summary
+
+
+def predictor(path, **options):
+    from medsight.engine.infer import Predictor
+
+    return Predictor(path, **options)
