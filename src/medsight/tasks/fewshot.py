@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from medsight.errors import MedsightError
-from medsight.scan import Scan
+from medsight.scan import Scan, align_to, fill_non_finite
 
 METHODS: dict[str, str] = {
     "fewshot-prototype": "prototype",
@@ -301,6 +301,7 @@ def train_fewshot(cfg: FewShotConfig, data: TrainingSlices | None = None) -> dic
     from medsight.engine import checkpoint
     from medsight.engine.train import adamw
     from medsight.io import check_run_folder, write_text
+    from medsight.losses import require_finite_loss
     from medsight.models.fewshot import HEADS
     from medsight.transforms import EpisodeSampler
 
@@ -373,6 +374,7 @@ def train_fewshot(cfg: FewShotConfig, data: TrainingSlices | None = None) -> dic
                     head_align = F.cross_entropy(back, s_mask[found].long())
             loss = loss + head_seg + align_weights[h] * head_align
             seg, align = seg + head_seg / len(heads), align + head_align / len(heads)
+        require_finite_loss(loss, 0, step)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -446,13 +448,9 @@ def train_fewshot(cfg: FewShotConfig, data: TrainingSlices | None = None) -> dic
 # -- inference -------------------------------------------------------------------------------------
 def _binary_mask(image: Scan, mask: Scan) -> np.ndarray:
     """Spatial boolean mask of a support pair, checked against its image."""
-    if mask.spatial_shape != image.spatial_shape:
-        raise MedsightError(
-            f"mask shape {list(mask.spatial_shape)} differs from its image's {list(image.spatial_shape)}"
-            + (f" ({Path(image.path).name})" if image.path else ""),
-            mask.path,
-        )
-    arr = mask.array
+    arr = align_to(
+        mask, image, "mask", f"image {Path(image.path).name}" if image.path else "image", True
+    ).array
     if arr.shape[0] > 1 and not all(np.array_equal(arr[0], arr[c]) for c in range(1, arr.shape[0])):
         raise MedsightError(f"mask has {arr.shape[0]} differing channels; expected one mask", mask.path)
     binary = arr[0] > 0
@@ -518,7 +516,7 @@ class FewShotPredictor:
     # -- input handling ------------------------------------------------------------------------
     def _image_array(self, scan: Scan) -> np.ndarray:
         """The channels the model reads; RGB/RGBA turns grey for a one-channel model."""
-        array = scan.array
+        array = fill_non_finite(scan).array
         if self.channels is not None and scan.channels > max(self.channels):
             array = array[list(self.channels)]
         elif array.shape[0] != self.in_channels:
