@@ -318,8 +318,20 @@ def main(argv=None) -> dict:
             results.setdefault("results", {})[setting] = result
             results["notes"] = NOTES
             path.write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / f"{name}.md").write_text(table(json.loads(path.read_text())))
-    return json.loads(path.read_text())
+    results = json.loads(path.read_text())
+    (args.out / f"{name}.md").write_text(table(results))
+    write_page(results, args.out, name)
+    return results
+
+
+def write_page(results: dict, out: Path, name: str) -> Path:
+    """``<out>/figures/<name>.html``: the table and every setting's comparison figure."""
+    from medsight.report.sr import figures_page
+
+    figures = out / "figures"
+    sections = {s: figures / f"sr-{s.replace('/', '-')}.png" for s in results.get("results", {})}
+    sections = {s: p for s, p in sections.items() if p.exists()}
+    return figures_page(figures / f"{name}.html", "Super-resolution benchmark", sections, table(results))
 
 
 NOTES = (

@@ -298,3 +298,5 @@ def test_benchmark_quick_mode_writes_every_key(tmp_path):
     )
     assert (tmp_path / "out" / "figures" / "sr-phantom-inplane-x2.png").stat().st_size > 0
     assert "| phantom/inplane-x2 | semantic |" in (tmp_path / "out" / "sr-quick.md").read_text()
+    page = (tmp_path / "out" / "figures" / "sr-quick.html").read_text()
+    assert "<img src='sr-phantom-inplane-x2.png'>" in page

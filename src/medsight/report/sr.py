@@ -134,3 +134,20 @@ def compare_report(
     )
     write_text(page, body, overwrite=True)
     return page
+
+
+def figures_page(path: str | Path, title: str, sections: dict[str, Path], table_markdown: str = "") -> Path:
+    """An HTML page: the results table (markdown, shown as preformatted text) and one comparison figure
+    per section, linked by relative path."""
+    from medsight.io import write_text
+
+    path = Path(path)
+    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"]
+    parts.append(f"<h1>{html.escape(title)}</h1>")
+    if table_markdown:
+        parts.append(f"<pre>{html.escape(table_markdown)}</pre>")
+    for name, png in sections.items():
+        rel = Path(png).resolve().relative_to(path.parent.resolve())
+        parts.append(f"<h2>{html.escape(name)}</h2><p><img src='{html.escape(str(rel))}'></p>")
+    parts.append("</body></html>\n")
+    return write_text(path, "".join(parts), overwrite=True)
