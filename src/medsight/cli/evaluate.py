@@ -43,6 +43,11 @@ def evaluate(
     ),
     tolerance: float = typer.Option(1.0, "--tolerance", help="Normalised surface Dice tolerance, in mm."),
     kind: Kind = typer.Option(Kind.seg, "--kind", help="seg: Dice, IoU, HD95, ASSD, NSD; image: PSNR, SSIM."),
+    mask: Path = typer.Option(
+        None,
+        "--mask",
+        help="With --kind image: folder of foreground masks (paired by case id) for PSNR/SSIM inside them too.",
+    ),
     report: bool = typer.Option(True, "--report/--no-report", help="Also write report.html with overlays."),
     overwrite: bool = typer.Option(False, help="Replace existing output files."),
 ) -> None:
@@ -73,7 +78,9 @@ def evaluate(
     err = Console(stderr=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        result = evaluate_folders(pred, ref, tolerance_mm=tolerance, kind=kind.value, progress=True)
+        result = evaluate_folders(
+            pred, ref, tolerance_mm=tolerance, kind=kind.value, progress=True, mask_dir=mask
+        )
     for warning in caught:
         if issubclass(warning.category, UserWarning):
             err.print(f"[yellow]warning:[/] {warning.message}", highlight=False)

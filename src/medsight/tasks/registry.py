@@ -58,6 +58,14 @@ register_task(
     "textseg", None, "medsight.tasks.lvit:TextSegPredictor", "medsight.cli.textseg:register",
     "a text-guided model", "medsight textseg predict",
 )  # fmt: skip
+register_task(
+    "caption", "medsight.tasks.sr:CaptionTask", "medsight.tasks.sr:predictor", None,
+    "a caption network (the semantic step of `medsight sr train`)", "medsight sr train",
+)  # fmt: skip
+register_task(
+    "sr", "medsight.tasks.sr:SRTask", "medsight.tasks.sr:predictor", "medsight.cli.sr:register",
+    "a super-resolution model", "medsight sr predict",
+)  # fmt: skip
 
 
 def task_of(payload: dict[str, Any]) -> str:
