@@ -24,8 +24,9 @@ Evaluation, with case lists fixed by ``--seed`` and written to the results:
 - BraTS whole tumour (labels > 0), FLAIR: each patient in turn is the query, supports are the other
   patients (1-shot: the next one; k-shot: k of the others, at most 3); and slice propagation within
   each patient from its middle tumour slice (``brats/whole-tumour-propagation``).
-- ``supervised-unet2d``: medsight's unet2d with WeightedCEDiceLoss trained briefly on the support
-  volume(s) only (all their slices, the same normalisation) and applied slice by slice.
+- ``supervised-unet2d``: medsight's unet2d trained as ``medsight train --method unet2d --time-limit``
+  trains it (``--supervised-seconds``), on the support volume(s) only, validated on them too (nothing
+  else is labelled), applied with medsight's Predictor; for propagation, on the annotated slice alone.
 Every method's masks keep their largest connected piece (``--no-largest-component`` turns it off).
 Metrics: Dice and HD95 (mm) from ``medsight.evaluate.segmentation_metrics``, seconds per query
 (the support set is embedded once per structure and shot count and timed apart: ``support_seconds``).
@@ -41,6 +42,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from medsight.scan import Scan
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -121,62 +124,47 @@ def load_cases(dataset, ids, channel=0):
 
 
 # -- supervised baseline ---------------------------------------------------------------------------
-def train_unet2d(pairs, slice_axis, seconds, seed, only_slices=None):
-    """unet2d on the support volumes' slices (or the given slices); returns a predict(image) function."""
-    import torch
+def one_slice(scan, z: int, axis: int = 2):
+    """Slice ``z`` of a volume along ``axis`` as a one-slice volume in the same world position."""
+    index = [slice(None)] * 4
+    index[1 + axis] = slice(z, z + 1)
+    affine = scan.affine.copy()
+    affine[:3, 3] += affine[:3, axis] * z
+    return Scan(scan.array[tuple(index)], affine, dict(scan.meta), scan.path)
 
-    from medsight.losses import WeightedCEDiceLoss
-    from medsight.models.registry import build_model
-    from medsight.transforms.slices import from_slices, normalise_intensity, to_slices
 
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    xs, ys = [], []
-    for k, (image, mask) in enumerate(pairs):
-        x = to_slices(normalise_intensity(image.array), slice_axis)
-        y = to_slices(mask.array > 0, slice_axis)[:, 0].astype(np.int64)
-        keep = np.arange(len(x)) if only_slices is None else np.asarray(only_slices[k])
-        xs.append(x[keep])
-        ys.append(y[keep])
-    shape = np.max([x.shape[-2:] for x in xs], axis=0)
+def train_unet2d(pairs, slice_axis, seconds, seed, only_slice=None):
+    """unet2d trained as `medsight train --method unet2d --time-limit` trains it, on the support volumes
+    (or, with ``only_slice``, one slice of each); they are the validation cases too: nothing else is
+    labelled. Returns a predict(image) function (medsight's Predictor on ``best.pt``)."""
+    from medsight import io
+    from medsight.engine.infer import Predictor
+    from medsight.tasks.segmentation import SegmentationConfig, train
 
-    def pad(a, value=0):
-        return np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, shape[0] - a.shape[-2]), (0, shape[1] - a.shape[-1])],
-                      constant_values=value)  # fmt: skip
-
-    x_all = np.concatenate([pad(x) for x in xs]).astype(np.float32)
-    y_all = np.concatenate([pad(y) for y in ys])
-    fg = np.flatnonzero(y_all.reshape(len(y_all), -1).any(1))
-    model = build_model("unet2d", 1, 2, channels=(16, 32, 64), strides=(2, 2))
-    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    loss_fn = WeightedCEDiceLoss(2, class_weights="auto")
-    start, steps = time.perf_counter(), 0
-    model.train()
-    while time.perf_counter() - start < seconds:
-        pick = rng.choice(fg if len(fg) and rng.random() < 0.67 else len(x_all), size=8)
-        xb, yb = x_all[pick].copy(), y_all[pick].copy()
-        for i in range(len(pick)):  # flips and noise: cheap augmentation for a one-case training set
-            if rng.random() < 0.5:
-                xb[i], yb[i] = xb[i][..., ::-1], yb[i][..., ::-1]
-            xb[i] += rng.normal(0, 0.05, xb[i].shape)
-        loss = loss_fn(
-            model(torch.from_numpy(np.ascontiguousarray(xb))), torch.from_numpy(np.ascontiguousarray(yb))
-        )
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        steps += 1
-    model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, rows = Path(tmp), []
+        for k, (image, mask) in enumerate(pairs):
+            if only_slice is not None:
+                image, mask = (
+                    one_slice(image, only_slice[k], slice_axis),
+                    one_slice(mask, only_slice[k], slice_axis),
+                )
+            io.write(image, folder / f"s{k}.nii.gz")
+            io.write(mask, folder / f"s{k}_mask.nii.gz")
+            files = f"s{k}.nii.gz,s{k}_mask.nii.gz"
+            rows += [f"s{k},{files},train", f"s{k}-val,{files},val"]
+        (folder / "supports.csv").write_text("case_id,image,label,split\n" + "\n".join(rows) + "\n")
+        cfg = SegmentationConfig(
+            method="unet2d", data=str(folder), out=str(folder / "run"), slice_axis=slice_axis, epochs=10_000,
+            steps_per_epoch=20, time_limit=seconds / 60, seed=seed, progress=False,
+        )  # fmt: skip
+        summary = train(cfg)
+        predictor = Predictor(summary["best"])
 
     def predict(image):
-        x = to_slices(normalise_intensity(image.array), slice_axis).astype(np.float32)
-        with torch.no_grad():
-            pred = np.concatenate(
-                [model(torch.from_numpy(x[i : i + 32])).argmax(1).numpy() for i in range(0, len(x), 32)]
-            )
-        return image.with_array(from_slices(pred.astype(np.uint8), slice_axis, image.ndim)[None])
+        return predictor.predict(image)[0]
 
-    predict.steps = steps
+    predict.steps = summary["epochs_run"] * cfg.steps_per_epoch
     return predict
 
 
@@ -288,7 +276,7 @@ def run_propagation(predictors, cases, values, args):
             t0 = time.perf_counter()
             if method == "supervised-unet2d":
                 predict = train_unet2d(
-                    [(image, ref)], 2, args.supervised_seconds / 4, args.seed, only_slices=[[z]]
+                    [(image, ref)], 2, args.supervised_seconds / 4, args.seed, only_slice=[z]
                 )
                 t0 = time.perf_counter()
                 pred = predict(image)
@@ -373,6 +361,61 @@ def train_models(args, sources, channels, evaluated_ids, runs, log) -> tuple[dic
     return training, predictors
 
 
+def settings(args) -> dict:
+    from medsight.tasks.fewshot import FewShotConfig
+
+    return {
+        **loop_options(args),
+        "steps_per_model": args.epochs * args.steps_per_epoch,
+        "shared_encoder": args.shared,
+        "size": FewShotConfig().size,
+        "seed": args.seed,
+        "slice_axis": 2,
+        "chunks": args.chunks,
+        "neighbours": args.neighbours,
+        "kshot_combination": "ensemble (mean of per-shot probabilities); average_combination: "
+        "prototypes/weights averaged",
+        "largest_component": args.largest_component,
+        "query_range": "support range mapped proportionally (no query labels)",
+        "supervised_seconds": args.supervised_seconds,
+    }
+
+
+def run_brats(predictors, brats: Path, args) -> dict:
+    """BraTS whole tumour: each patient in turn is the query, the others the supports; and slice
+    propagation inside each patient."""
+    from medsight.datasets import open_dataset
+
+    bdata = open_dataset(brats)
+    patients = sorted(bdata.case_ids)
+    cases = load_cases(bdata, patients)
+    results = {"brats/whole-tumour": {}}
+    for method in args.methods:
+        results["brats/whole-tumour"][method] = {}
+        for k in (1, len(patients) - 1):
+            per_query, sup_ids = [], []
+            for i, q in enumerate(patients):
+                others = [patients[(i + j) % len(patients)] for j in range(1, k + 1)]
+                sup_ids.append(others)
+                sup = [cases[c] for c in others]
+                if method == "supervised-unet2d":
+                    per_query.append(run_supervised(sup, [cases[q]], [1, 2, 3, 4], others, [q], args))
+                else:
+                    per_query.append(
+                        run_fewshot(predictors[method], sup, [cases[q]], [1, 2, 3, 4], others, [q], args)
+                    )
+            results["brats/whole-tumour"][method][str(k)] = {
+                **pooled(per_query),
+                "support_ids": sup_ids,
+                "query_ids": patients,
+            }
+        results["brats/whole-tumour"][method]["5"] = {
+            "skipped": "4 BraTS patients: at most 3 supports per query"
+        }
+    results["brats/whole-tumour-propagation"] = run_propagation(predictors, cases, [1, 2, 3, 4], args)
+    return results
+
+
 def run(args, log) -> dict:
     from medsight.datasets import open_dataset
 
@@ -431,57 +474,15 @@ def run(args, log) -> dict:
 
     notes = []
     if brats is not None and brats.exists():
-        bdata = open_dataset(brats)
-        patients = sorted(bdata.case_ids)
-        cases = load_cases(bdata, patients)
-        results["brats/whole-tumour"] = {}
-        for method in args.methods:
-            results["brats/whole-tumour"][method] = {}
-            for k in (1, len(patients) - 1):
-                per_query, sup_ids = [], []
-                for i, q in enumerate(patients):
-                    others = [patients[(i + j) % len(patients)] for j in range(1, k + 1)]
-                    sup_ids.append(others)
-                    sup = [cases[c] for c in others]
-                    if method == "supervised-unet2d":
-                        per_query.append(run_supervised(sup, [cases[q]], [1, 2, 3, 4], others, [q], args))
-                    else:
-                        per_query.append(
-                            run_fewshot(predictors[method], sup, [cases[q]], [1, 2, 3, 4], others, [q], args)
-                        )
-                results["brats/whole-tumour"][method][str(k)] = {
-                    **pooled(per_query),
-                    "support_ids": sup_ids,
-                    "query_ids": patients,
-                }
-            results["brats/whole-tumour"][method]["5"] = {
-                "skipped": "4 BraTS patients: at most 3 supports per query"
-            }
-        results["brats/whole-tumour-propagation"] = run_propagation(predictors, cases, [1, 2, 3, 4], args)
+        results |= run_brats(predictors, brats, args)
         notes.append("BraTS: FLAIR only; its unlabeled FLAIR volumes were part of self-supervised training.")
     elif brats is not None:
         notes.append(f"BraTS skipped: {brats} not found")
 
-    from medsight.tasks.fewshot import FewShotConfig
-
     report = {
         "benchmark": "fewshot",
         "quick": args.quick,
-        "settings": {
-            **loop_options(args),
-            "steps_per_model": args.epochs * args.steps_per_epoch,
-            "shared_encoder": args.shared,
-            "size": FewShotConfig().size,
-            "seed": args.seed,
-            "slice_axis": 2,
-            "chunks": args.chunks,
-            "neighbours": args.neighbours,
-            "kshot_combination": "ensemble (mean of per-shot probabilities); average_combination: "
-            "prototypes/weights averaged",
-            "largest_component": args.largest_component,
-            "query_range": "support range mapped proportionally (no query labels)",
-            "supervised_seconds": args.supervised_seconds,
-        },  # fmt: skip
+        "settings": settings(args),
         "training": training,
         "support_ids": support_ids,
         "query_ids": query_ids,
