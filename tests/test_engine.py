@@ -596,3 +596,16 @@ def test_worker_processes_draw_the_same_batches(phantom, tmp_path):
     ]
     for key, value in first["state_dict"].items():
         assert torch.equal(value, second["state_dict"][key]), key
+
+
+def test_time_budget_stops_after_the_epoch_that_passes_it(phantom, tmp_path):
+    """A budget of 6 ms is used up by the first step: that epoch is still validated and saved, the
+    run stops there, and resuming it has nothing left to train."""
+    options = dict(
+        method="unet2d", data=str(phantom), out=str(tmp_path), time_limit=1e-4, **{**TINY, "epochs": 4}
+    )
+    summary = train(TrainConfig(**options))
+    assert summary["epochs_run"] == 1 and (tmp_path / "best.pt").exists()
+    stopped = checkpoint.load(tmp_path / "last.pt")["training"]["stopped"]
+    assert stopped == "the 0.0001-minute budget is used"
+    assert train(TrainConfig(**{**options, "resume": True}))["epochs_run"] == 1

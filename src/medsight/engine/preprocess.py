@@ -10,6 +10,7 @@ onto the input's own grid, so the output carries the input's affine.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -28,10 +29,19 @@ def choose_slice_axis(spacing: np.ndarray, labels: list[Scan]) -> int:
     0.854 mean Dice against 0.843 for axial and 0.824 for sagittal slices. Without any foreground,
     the last axis.
     """
+    return _slice_axis_from_extents(spacing, [foreground_extent(lab) for lab in labels])
+
+
+def foreground_extent(label: Scan) -> np.ndarray | None:
+    """Voxel extent of a label's foreground along each spatial axis (None without foreground)."""
+    voxels = np.argwhere(label.array[0] > 0)
+    return np.ptp(voxels, axis=0) if len(voxels) else None
+
+
+def _slice_axis_from_extents(spacing: np.ndarray, extents: list[np.ndarray | None]) -> int:
     if np.ptp(spacing) > 0.01 * spacing.max():
         return int(np.argmax(spacing))
-    foreground = (np.argwhere(lab.array[0] > 0) for lab in labels)
-    extents = [np.ptp(voxels, axis=0) for voxels in foreground if len(voxels)]
+    extents = [e for e in extents if e is not None]
     if not extents:
         return len(spacing) - 1
     return int(np.argmax(np.median(extents, axis=0)))
@@ -61,10 +71,36 @@ class Preprocessing:
         slice_wise: bool,
         slice_axis: int | None = None,
     ) -> Preprocessing:
-        spacings = np.array([s.spacing for s in scans])
-        median = np.median(spacings, axis=0)
+        return cls.fit_stream(zip(scans, labels, strict=True), modality, slice_wise, slice_axis)
+
+    @classmethod
+    def fit_stream(
+        cls,
+        pairs: Iterable[tuple[Scan, Scan]],
+        modality: str | None,
+        slice_wise: bool,
+        slice_axis: int | None = None,
+        ct_samples: int | None = None,
+    ) -> Preprocessing:
+        """:meth:`fit` over (image, label) pairs read one at a time (a generator), keeping only what
+        the statistics need: each case's spacing and foreground extent, and for CT its foreground
+        intensities, of which ``ct_samples`` (None: all) are kept per case, drawn at random as
+        nnU-Net's fingerprint does, so memory stays flat in the number of cases."""
+        spacings, extents, foreground, channels = [], [], [], None
+        for i, (scan, label) in enumerate(pairs):
+            spacings.append(np.asarray(scan.spacing, dtype=float))
+            extents.append(foreground_extent(label))
+            channels = scan.channels if channels is None else channels
+            if (modality or "").upper() == "CT":
+                fg = scan.array[0][label.array[0] > 0].ravel()
+                if ct_samples is not None and len(fg) > ct_samples:
+                    fg = np.random.default_rng(i).choice(fg, ct_samples, replace=False)
+                foreground.append(fg)
+        if not spacings:
+            raise ValueError("no cases to fit the preprocessing on")
+        median = np.median(np.array(spacings), axis=0)
         if slice_axis is None:
-            slice_axis = choose_slice_axis(median, labels)
+            slice_axis = _slice_axis_from_extents(median, extents)
         elif not 0 <= slice_axis < len(median):
             raise ValueError(f"slice axis must be one of 0..{len(median) - 1}, got {slice_axis}")
         target = [float(x) for x in median]
@@ -73,16 +109,14 @@ class Preprocessing:
         needs_resampling = any(
             not np.allclose(
                 [t for t in target if t > 0],
-                [sp for t, sp in zip(target, s.spacing, strict=True) if t > 0],
+                [sp for t, sp in zip(target, spacing, strict=True) if t > 0],
                 rtol=0.01,
             )
-            for s in scans
+            for spacing in spacings
         )
-        pre = cls(target if needs_resampling else None, slice_axis=slice_axis, in_channels=scans[0].channels)
-        if (modality or "").upper() == "CT":
-            fg = np.concatenate(
-                [s.array[0][lab.array[0] > 0].ravel() for s, lab in zip(scans, labels, strict=True)]
-            )
+        pre = cls(target if needs_resampling else None, slice_axis=slice_axis, in_channels=channels)
+        if foreground:
+            fg = np.concatenate(foreground)
             low, high = np.percentile(fg, [0.5, 99.5])
             clipped = np.clip(fg, low, high)
             pre.normalisation = "ct"

@@ -66,6 +66,12 @@ class PatchSampler:
 
     ``mirror_axes`` (the scan's spatial axes) mirrors each sample along each of them with
     probability 1/2.
+
+    ``images`` and ``labels`` are sequences indexed per sample, so they may be memory-mapped arrays
+    (or a sequence that opens one on access): a sample reads only its window. ``class_locations``
+    (one list per volume, holding per class present a sequence of voxel coordinates in the label's
+    axis order, e.g. a sample of them as nnU-Net keeps) replaces the scan of every label for its
+    foreground voxels, which would read every volume whole.
     """
 
     def __init__(
@@ -79,14 +85,17 @@ class PatchSampler:
         fg_fraction=0.33,
         mirror_axes=(),
         slice_axis: int = 2,
+        class_locations=None,
     ):
         self.images, self.labels = images, labels
         self.kind, self.patch, self.slices, self.rng = kind, tuple(patch), slices, rng
         self.fg_fraction = fg_fraction
         self.mirrors = [m for a in mirror_axes if (m := sample_axes(kind, a, slice_axis))]
-        self.fg_voxels = [
-            [np.argwhere(lab == value) for value in np.unique(lab) if value > 0] for lab in labels
-        ]
+        if class_locations is None:
+            class_locations = [
+                [np.argwhere(lab == value) for value in np.unique(lab) if value > 0] for lab in labels
+            ]
+        self.fg_voxels = class_locations
 
     def _centre(self, v: int) -> np.ndarray | None:
         by_class = self.fg_voxels[v]
@@ -108,6 +117,8 @@ class PatchSampler:
         v = int(self.rng.integers(len(self.images)))
         image, label = self.images[v], self.labels[v]
         centre = self._centre(v)
+        if centre is not None:
+            centre = np.asarray(centre)
         if self.kind == "3d":
             starts = [
                 self._crop_start(n, p, None if centre is None else int(c))
