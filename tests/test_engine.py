@@ -505,7 +505,8 @@ def test_predict_names_same_named_inputs_by_folder_and_checks_every_output_first
     inputs = [str(tmp_path / "pat1" / "flair.nii.gz"), str(tmp_path / "pat2" / "flair.nii.gz")]
     result = run_cli("predict", *inputs, "-m", trained["best"], "-o", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pat1_flair.nii.gz", "pat2_flair.nii.gz"]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["medsight-provenance.json", "pat1_flair.nii.gz", "pat2_flair.nii.gz"]
     (tmp_path / "out2").mkdir()
     (tmp_path / "out2" / "pat2_flair.nii.gz").write_bytes(b"kept")
     result = run_cli("predict", *inputs, "-m", trained["best"], "-o", str(tmp_path / "out2"))

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from medsight.errors import MedsightError
+from medsight.scan import align_to
 
 SEG_METRICS = ("dice", "iou", "hd95_mm", "assd_mm", "nsd")
 COUNT_COLUMNS = ("ref_voxels", "pred_voxels", "overlap_voxels")
@@ -222,7 +223,7 @@ def masked_image_metrics(
 # -- folders ----------------------------------------------------------------------------------
 def _case_files(folder: Path) -> dict[str, Path]:
     """Case id -> file (or DICOM folder) for every readable entry of ``folder``."""
-    from medsight.io import FORMATS, suffix_of
+    from medsight.io import FORMATS, case_name, suffix_of
 
     if not folder.is_dir():
         raise MedsightError("not a folder", folder)
@@ -236,7 +237,7 @@ def _case_files(folder: Path) -> dict[str, Path]:
                 continue
             case = entry.name
         elif suffix_of(entry) in known:
-            case = entry.name[: -len(suffix_of(entry))]
+            case = case_name(entry)
         else:
             continue
         if case in cases:
@@ -275,16 +276,6 @@ def _spatial_labels(scan, path: Path) -> np.ndarray:
             raise MedsightError("a label map must hold integer values", path)
         arr = arr.astype(np.int64)
     return arr
-
-
-def _geometry_problem(pred, ref) -> str:
-    if pred.spatial_shape != ref.spatial_shape:
-        return f"shape {list(pred.spatial_shape)} differs from the reference's {list(ref.spatial_shape)}"
-    return (
-        f"geometry differs from the reference's (spacing {[round(s, 4) for s in pred.spacing]} vs "
-        f"{[round(s, 4) for s in ref.spacing]}, origin {np.round(pred.origin, 3).tolist()} vs "
-        f"{np.round(ref.origin, 3).tolist()}); resample it onto the reference first"
-    )
 
 
 @dataclass
@@ -462,8 +453,7 @@ def evaluate_folders(
     for case, ref_path in tqdm(refs.items(), desc="evaluate", disable=not progress, unit="case"):
         pred_path = preds[case]
         ref, pred = io.read(ref_path), io.read(pred_path)
-        if not pred.same_geometry(ref):
-            raise MedsightError(_geometry_problem(pred, ref), pred_path)
+        pred = align_to(pred, ref, "prediction", "reference", cover=True)
         files[case] = {"pred": pred_path, "ref": ref_path}
         if kind == "image":
             if pred.channels != ref.channels:

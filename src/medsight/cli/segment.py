@@ -147,15 +147,26 @@ def predict(
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", help="auto (mixed on CUDA, 32 on CPU), 32, 16-mixed, bf16-mixed."),
     overwrite: bool = typer.Option(False),
+    skip_existing: bool = typer.Option(
+        False,
+        "--skip-existing",
+        help="Leave scans whose mask already exists in OUT (continue an interrupted batch with the same "
+        "model).",
+    ),
 ) -> None:
-    """Segment scans; each mask is written with its input's affine and the training label values."""
-    from tqdm import tqdm
+    """Segment scans; each mask is written with its input's affine and the training label values.
 
+    OUT is locked while predicting and gets medsight-provenance.json (model, checkpoint hash, version,
+    options); a folder holding another checkpoint's masks is refused unless --overwrite."""
     import_monai()
-    from medsight import io
-    from medsight.cli.outputs import output_paths
+    from medsight.cli.outputs import predict_outputs
     from medsight.engine.infer import Predictor
+    from medsight.errors import MedsightError
+    from medsight.io import check_folder_writable
 
+    if skip_existing and overwrite:
+        raise MedsightError("--skip-existing keeps existing masks and --overwrite replaces them; choose one")
+    check_folder_writable(out)  # before loading anything
     predictor = Predictor(
         model,
         backend="onnx" if onnx else "torch",
@@ -164,19 +175,19 @@ def predict(
         device=device,
         precision=precision,
     )
-    scans = _expand(inputs)
+    options = dict(largest_component=largest_component, probabilities=save_probabilities, onnx=onnx, tta=tta)
+    with predict_outputs(
+        _expand(inputs), out, model, overwrite, skip_existing, save_probabilities, options
+    ) as jobs:
+        _segment(predictor, jobs, largest_component, overwrite)
 
-    def case(path: Path) -> str:
-        return path.name.split(".")[0] if path.is_file() else path.name
 
-    targets = output_paths(scans, out, lambda p: f"{case(p)}.nii.gz", overwrite)
-    prob_targets = (
-        output_paths(scans, out, lambda p: f"{case(p)}_prob.nii.gz", overwrite)
-        if save_probabilities
-        else [None] * len(scans)
-    )
-    jobs = list(zip(scans, targets, prob_targets, strict=True))
-    for path, target, prob_target in tqdm(jobs, desc="segmenting", disable=len(scans) < 2):
+def _segment(predictor, jobs, largest_component: bool, overwrite: bool) -> None:
+    from tqdm import tqdm
+
+    from medsight import io
+
+    for path, target, prob_target in tqdm(jobs, desc="segmenting", disable=len(jobs) < 2):
         labels, probs = predictor.predict(io.read(path), largest_component=largest_component)
         io.write(labels, target, overwrite=overwrite)
         if prob_target is not None:

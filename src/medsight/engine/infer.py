@@ -18,7 +18,7 @@ from medsight.engine.preprocess import Preprocessing
 from medsight.engine.sampling import from_working, pad_to, round_up, stack, to_working
 from medsight.engine.tta import average_over_views, mirror_views
 from medsight.errors import MedsightError
-from medsight.scan import Scan
+from medsight.scan import Scan, fill_non_finite
 
 Forward = Callable[[np.ndarray], np.ndarray]
 
@@ -212,6 +212,7 @@ class Predictor:
     def predict(self, scan: Scan, largest_component: bool = False) -> tuple[Scan, Scan]:
         """(label map, class probabilities), both on the input scan's own grid and affine."""
         self.check(scan)
+        scan = fill_non_finite(scan)
         working = self.pre.image(scan)
         probs = probabilities(
             self.forward,

@@ -367,6 +367,12 @@ class MedsightTask(L.LightningModule):
         )
         self._losses = []
 
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        from medsight.losses import require_finite_loss
+
+        # before the step: a NaN loss would turn every weight NaN and the next checkpoint useless
+        require_finite_loss(loss, self.current_epoch, self.global_step)
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self._losses.append(float(loss.detach()))

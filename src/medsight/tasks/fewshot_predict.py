@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from medsight.errors import MedsightError
-from medsight.scan import Scan
+from medsight.scan import Scan, align_to, fill_non_finite
 from medsight.transforms.slices import (
     chunk_centres,
     chunk_of,
@@ -61,13 +61,9 @@ COMBINE = ("ensemble", "average")
 # -- inference -------------------------------------------------------------------------------------
 def _binary_mask(image: Scan, mask: Scan) -> np.ndarray:
     """Spatial boolean mask of a support pair, checked against its image."""
-    if mask.spatial_shape != image.spatial_shape:
-        raise MedsightError(
-            f"mask shape {list(mask.spatial_shape)} differs from its image's {list(image.spatial_shape)}"
-            + (f" ({Path(image.path).name})" if image.path else ""),
-            mask.path,
-        )
-    arr = mask.array
+    arr = align_to(
+        mask, image, "mask", f"image {Path(image.path).name}" if image.path else "image", True
+    ).array
     if arr.shape[0] > 1 and not all(np.array_equal(arr[0], arr[c]) for c in range(1, arr.shape[0])):
         raise MedsightError(f"mask has {arr.shape[0]} differing channels; expected one mask", mask.path)
     binary = arr[0] > 0
@@ -133,7 +129,7 @@ class FewShotPredictor:
     # -- input handling ------------------------------------------------------------------------
     def _image_array(self, scan: Scan) -> np.ndarray:
         """The channels the model reads; RGB/RGBA turns grey for a one-channel model."""
-        array = scan.array
+        array = fill_non_finite(scan).array
         if self.channels is not None and scan.channels > max(self.channels):
             array = array[list(self.channels)]
         elif array.shape[0] != self.in_channels:

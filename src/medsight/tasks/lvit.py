@@ -37,7 +37,7 @@ import numpy as np
 
 from medsight.engine.tta import average_over_views, dihedral_views
 from medsight.errors import MedsightError
-from medsight.scan import Scan
+from medsight.scan import Scan, fill_non_finite
 
 METHODS = ("lvit", "unet2d")
 TEXT_METHODS = ("lvit",)
@@ -417,7 +417,7 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
     from medsight.engine.preprocess import Preprocessing
     from medsight.engine.train import adamw, check_decay, save_epoch, weight_average
     from medsight.io import check_run_folder
-    from medsight.losses import WeightedCEDiceLoss
+    from medsight.losses import WeightedCEDiceLoss, require_finite_loss
     from medsight.text import TEXT_MODEL, TextEmbedding, TextEncoder, warn_missing_text
 
     if cfg.method not in METHODS:
@@ -704,6 +704,7 @@ def train_textseg(cfg: TextSegConfig) -> dict[str, Any]:
                     loss = loss + cfg.lv_weight * lv
                     totals["lv"].append(float(lv.detach()))
             optimiser.zero_grad(set_to_none=True)
+            require_finite_loss(loss, epoch, step)
             loss.backward()
             optimiser.step()
             if average is not None:
@@ -849,7 +850,9 @@ class TextSegPredictor:
             )
         embedding = self.encoder.embed_one(text) if self.encoder is not None else TextEmbedding.empty()
         shape = tuple(scan.spatial_shape)
-        image = resize(self.pre.normalise(scan.array), working_shape(shape, self.image_scale))
+        image = resize(
+            self.pre.normalise(fill_non_finite(scan).array), working_shape(shape, self.image_scale)
+        )
         probs = predict_probabilities(self.model, image, embedding, self.window, tta=self.tta)
         probs = resize(probs, shape)
         classes = probs.argmax(0)
