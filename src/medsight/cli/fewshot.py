@@ -58,7 +58,9 @@ def fewshot(
         help="Support pairs (image and its mask of the structure; repeat for k-shot) and the scans to segment.",
         show_default=False,
     ),
-    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint written by few-shot training."),
+    model: Path = typer.Option(
+        ..., "--model", "-m", help="Checkpoint written by few-shot training (best.pt or last.pt)."
+    ),
     out: Path = typer.Option(
         ..., "-o", "--out", help="Output folder: <query-name>.nii.gz (.png for 2D) masks."
     ),
@@ -141,7 +143,7 @@ def _run(
 
     from medsight import io
     from medsight.cli.outputs import output_paths
-    from medsight.tasks.fewshot import FewShotPredictor
+    from medsight.tasks.fewshot_predict import FewShotPredictor
 
     io.check_folder_writable(out)  # before loading the model and reading the scans
     predictor = FewShotPredictor(model, head=head)

@@ -29,19 +29,21 @@ def train(
         "--method",
         help="unet2d, context25d, unet3d; or fewshot-prototype, fewshot-local-prototype, "
         "fewshot-conditional, fewshot-shared (the three heads on one encoder; self-supervised: labels are "
-        "ignored, see `medsight fewshot`).",
+        "ignored, validated on superpixel episodes of held-out images; see `medsight fewshot`).",
     ),
     out: Path = typer.Option(
         Path("runs/train"), "-o", "--out", help="Run folder: checkpoints, metrics.csv, curve."
     ),
     epochs: int = typer.Option(20, min=1),
     steps_per_epoch: int = typer.Option(50, min=1, help="Optimiser steps per epoch."),
-    batch_size: int = typer.Option(None, min=1, help="Samples per step (default: planned from the data)."),
+    batch_size: int = typer.Option(
+        None, min=1, help="Samples per step (default: planned from the data; few-shot: 8 episodes)."
+    ),
     patch_size: str = typer.Option(
         None, help="Patch (3D: X,Y,Z) or slice window (2D/2.5D: H,W), e.g. 64,64 (default: planned)."
     ),
     memory_budget: float = typer.Option(512.0, help="MB of activations per batch the plan aims at."),
-    lr: float = typer.Option(2e-3),
+    lr: float = typer.Option(None, help="Learning rate (AdamW, poly decay; default: 0.002, few-shot 0.001)."),
     slices: int = typer.Option(5, help="Slices per stack for context25d (odd)."),
     slice_axis: int = typer.Option(
         None,
@@ -50,7 +52,11 @@ def train(
         help="Voxel axis that 2D/2.5D methods slide along. Default: the coarsest axis, or for "
         "isotropic scans the one along which the labels extend furthest.",
     ),
-    val_fraction: float = typer.Option(0.2, help="Share of cases held out when the layout has no split."),
+    val_fraction: float = typer.Option(
+        None,
+        help="Share of cases held out for validation when the layout has no split (default: 0.2; few-shot "
+        "0.1, whose validation episodes come from these images).",
+    ),
     seed: int = typer.Option(0, help="Seeds the split, the weights and the sampling: same seed, same run."),
     split_seed: int = typer.Option(None, help="Seed of the train/validation split only (default: --seed)."),
     patience: int = typer.Option(10, help="Stop after this many epochs without a better validation Dice."),
@@ -81,42 +87,47 @@ def train(
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
 ) -> None:
-    """Train a segmentation model; under torchrun it trains on every process (DDP)."""
+    """Train a model with the method's task (segmentation, few-shot); under torchrun it trains on
+    every process (DDP)."""
     import_monai()
-    if method.startswith("fewshot-"):
-        from medsight.tasks.fewshot import FewShotConfig, train_fewshot
-
-        summary = train_fewshot(
-            FewShotConfig(
-                data=str(data), out=str(out), method=method, layout=layout, seed=seed,
-                time_limit_minutes=time_limit, max_steps=epochs * steps_per_epoch, overwrite=overwrite,
-            )
-        )  # fmt: skip
-        typer.echo(
-            f"self-supervised {method}: {summary['steps']} steps, {summary['episodes']} episodes  ->  "
-            f"{summary['checkpoint']}"
-        )
-        return
+    from medsight.engine.loop import fit
     from medsight.engine.tta import parse_axes
     from medsight.errors import MedsightError
-    from medsight.tasks.segmentation import SegmentationConfig
-    from medsight.tasks.segmentation import train as run
+    from medsight.tasks.registry import task_for_method
 
+    options = dict(locals())  # every option is a config field of the same name
+    task_class = task_for_method(method)
     try:
-        axes = parse_axes(mirror_axes)
+        options["mirror_axes"] = parse_axes(mirror_axes)
     except ValueError as error:
         raise MedsightError(f"--mirror-axes: {error}") from None
     try:
-        patch = parse_axes(patch_size) if patch_size else None
+        options["patch_size"] = parse_axes(patch_size) if patch_size else None
     except ValueError as error:
         raise MedsightError(f"--patch-size: {error}") from None
-    options = dict(locals())  # every option is a config field of the same name
-    keep = {f for f in SegmentationConfig.__dataclass_fields__} - {"layout_options", "model_kwargs"}
-    settings = {k: v for k, v in options.items() if k in keep}
-    settings.update(data=str(data), out=str(out), mirror_axes=axes, patch_size=patch)
-    summary = run(SegmentationConfig(**settings))
+    options.update(data=str(data), out=str(out))
+    config = _config(task_class.config_class, options, method)
+    summary = fit(task_class(config), config)
     if summary["rank"] == 0:
-        typer.echo(f"best validation mean Dice {summary['best_val_mean_dice']:.4f}  ->  {summary['best']}")
+        typer.echo(f"best {task_class.score_name} {summary['best_val_score']:.4f}  ->  {summary['best']}")
+
+
+def _config(config_class, options: dict, method: str):
+    """The method's config from the command's options: unset ones (None) take the config's default;
+    an option the method does not have is refused unless it is left at its default."""
+    import dataclasses
+    import inspect
+
+    from medsight.errors import MedsightError
+
+    fields = {f.name for f in dataclasses.fields(config_class)} - {"layout_options", "model_kwargs"}
+    defaults = {n: p.default.default for n, p in inspect.signature(train).parameters.items()}
+    given = {n: v for n, v in options.items() if n in defaults}
+    unused = [n for n, v in given.items() if n not in fields and v not in (defaults[n], None, [])]
+    if unused:
+        names = ", ".join("--" + n.replace("_", "-") for n in unused)
+        raise MedsightError(f"{names}: not an option of --method {method}")
+    return config_class(**{n: v for n, v in given.items() if n in fields and v is not None})
 
 
 def predict(

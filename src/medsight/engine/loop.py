@@ -295,6 +295,13 @@ class MedsightTask(L.LightningModule):
     name = ""
     flags: dict[str, str] = {}  # config field -> CLI flag, where the flag is not --field-name
     resume_ignores: set[str] = set()  # config fields free to change on resume (besides RUN_ONLY)
+    config_class: type[LoopConfig] = LoopConfig  # what `medsight train` fills from its options
+    score_name = "validation score"  # what val_score is, for messages
+
+    @classmethod
+    def methods(cls) -> list[str]:
+        """The ``medsight train --method`` values this task trains."""
+        return []
 
     def __init__(self, cfg: LoopConfig):
         super().__init__()

@@ -51,8 +51,8 @@ register_task(
     "medsight.cli.segment:register", "a unet2d/context25d/unet3d model", "medsight predict",
 )  # fmt: skip
 register_task(
-    "fewshot", None, "medsight.tasks.fewshot:FewShotPredictor", "medsight.cli.fewshot:register",
-    "a few-shot model", "medsight fewshot",
+    "fewshot", "medsight.tasks.fewshot:FewShotTask", "medsight.tasks.fewshot:predictor",
+    "medsight.cli.fewshot:register", "a few-shot model", "medsight fewshot",
 )  # fmt: skip
 register_task(
     "textseg", None, "medsight.tasks.lvit:TextSegPredictor", "medsight.cli.textseg:register",
@@ -86,6 +86,19 @@ def get_task(name: str, path: str | Path | None = None) -> Task:
             f"was written by the unknown task '{name}'; choose one of {', '.join(TASKS)}", path
         )
     return TASKS[name]
+
+
+def task_for_method(method: str):
+    """The task class that trains ``medsight train --method METHOD``."""
+    known = []
+    for task in TASKS.values():
+        if task.module_class is None:
+            continue
+        cls = task.resolve("module_class")
+        if method in cls.methods():
+            return cls
+        known += cls.methods()
+    raise MedsightError(f"unknown method '{method}'; choose one of {', '.join(known)}")
 
 
 def load_predictor(path: str | Path, **options):

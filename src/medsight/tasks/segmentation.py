@@ -132,6 +132,14 @@ def prepare_data(cfg: SegmentationConfig, slice_wise: bool, progress: bool = Tru
 class SegmentationTask(MedsightTask):
     name = "segmentation"
     resume_ignores = {"data"}
+    config_class = SegmentationConfig
+    score_name = "validation mean Dice"
+
+    @classmethod
+    def methods(cls) -> list[str]:
+        from medsight.models.registry import MODELS
+
+        return list(MODELS)
 
     def __init__(self, cfg: SegmentationConfig):
         from medsight.engine.augment import LEVELS
