@@ -27,7 +27,7 @@ def train(
     method: str = typer.Option(
         "context25d",
         "--method",
-        help="unet2d, context25d, unet3d; or fewshot-prototype, fewshot-local-prototype, "
+        help="unet2d, context25d, unet3d (2D images: unet2d); or fewshot-prototype, fewshot-local-prototype, "
         "fewshot-conditional, fewshot-shared (the three heads on one encoder; self-supervised: labels are "
         "ignored, see `medsight fewshot`).",
     ),
@@ -41,6 +41,11 @@ def train(
         None, help="Patch (3D: X,Y,Z) or slice window (2D/2.5D: H,W), e.g. 64,64 (default: planned)."
     ),
     memory_budget: float = typer.Option(512.0, help="MB of activations per batch the plan aims at."),
+    spacing: str = typer.Option(
+        None,
+        help="Target spacing of the axes the network sees (3D: X,Y,Z; 2D/2.5D: the two in-plane axes), "
+        "instead of the training set's median; pictures have 1 per pixel, so 2,2 halves their resolution.",
+    ),
     lr: float = typer.Option(2e-3),
     slices: int = typer.Option(5, help="Slices per stack for context25d (odd)."),
     slice_axis: int = typer.Option(
@@ -68,7 +73,8 @@ def train(
         "",
         help="Comma-separated voxel axes along which mirror images are plausible and keep their label "
         "names, e.g. 0 for left-right on a bilateral organ without left/right labels. Training mirrors "
-        "along them; `predict --tta` averages over them. Off by default.",
+        "along them; `predict --tta` averages over them. On 2D images 0,1 also transposes: all eight "
+        "rotations and mirror images (nuclei, cells). Off by default.",
     ),
     ema_decay: float = typer.Option(
         0.999,
@@ -110,10 +116,14 @@ def train(
         patch = parse_axes(patch_size) if patch_size else None
     except ValueError as error:
         raise MedsightError(f"--patch-size: {error}") from None
+    try:
+        target_spacing = [float(v) for v in spacing.split(",")] if spacing else None
+    except ValueError:
+        raise MedsightError(f"--spacing needs numbers like 2,2, not {spacing!r}") from None
     options = dict(locals())  # every option is a config field of the same name
     keep = {f for f in SegmentationConfig.__dataclass_fields__} - {"layout_options", "model_kwargs"}
     settings = {k: v for k, v in options.items() if k in keep}
-    settings.update(data=str(data), out=str(out), mirror_axes=axes, patch_size=patch)
+    settings.update(data=str(data), out=str(out), mirror_axes=axes, patch_size=patch, spacing=target_spacing)
     summary = run(SegmentationConfig(**settings))
     if summary["rank"] == 0:
         typer.echo(f"best validation mean Dice {summary['best_val_mean_dice']:.4f}  ->  {summary['best']}")
@@ -121,10 +131,12 @@ def train(
 
 def predict(
     inputs: list[Path] = typer.Argument(
-        ..., help="Scans (NIfTI, DICOM folders...) or folders of NIfTI scans."
+        ..., help="Scans (NIfTI, DICOM folders, PNG/TIFF pictures...) or folders of them."
     ),
     model: Path = typer.Option(..., "--model", "-m", help="Checkpoint written by `medsight train`."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output folder for <case>.nii.gz masks."),
+    out: Path = typer.Option(
+        ..., "-o", "--out", help="Output folder for <case>.nii.gz masks (<case>.png for pictures)."
+    ),
     largest_component: bool = typer.Option(
         False, help="Keep only the largest connected component per class."
     ),
@@ -137,13 +149,17 @@ def predict(
     precision: str = typer.Option("auto", help="auto (mixed on CUDA, 32 on CPU), 32, 16-mixed, bf16-mixed."),
     overwrite: bool = typer.Option(False),
 ) -> None:
-    """Segment scans; each mask is written with its input's affine and the training label values."""
+    """Segment scans; each mask is written with its input's affine and the training label values.
+
+    A picture (PNG, TIFF, JPEG, BMP, GIF) gets a PNG mask of its own size.
+    """
     from tqdm import tqdm
 
     import_monai()
     from medsight import io
     from medsight.cli.outputs import output_paths
     from medsight.engine.infer import Predictor
+    from medsight.io import FORMATS, suffix_of
 
     predictor = Predictor(
         model,
@@ -158,7 +174,11 @@ def predict(
     def case(path: Path) -> str:
         return path.name.split(".")[0] if path.is_file() else path.name
 
-    targets = output_paths(scans, out, lambda p: f"{case(p)}.nii.gz", overwrite)
+    def mask_name(path: Path) -> str:
+        picture = path.is_file() and suffix_of(path) in FORMATS["image"].suffixes
+        return f"{case(path)}.png" if picture else f"{case(path)}.nii.gz"
+
+    targets = output_paths(scans, out, mask_name, overwrite)
     prob_targets = (
         output_paths(scans, out, lambda p: f"{case(p)}_prob.nii.gz", overwrite)
         if save_probabilities
@@ -174,13 +194,17 @@ def predict(
 
 
 def _expand(inputs: list[Path]) -> list[Path]:
-    """A folder of volume files stands for its files; a folder with DICOM files is one series."""
-    from medsight.io import suffix_of
+    """A folder of volume files or pictures stands for its files; a folder with DICOM files is one
+    series."""
+    from medsight.io import FORMATS, suffix_of
 
+    files = (".nii", ".nii.gz", ".nrrd", *FORMATS["image"].suffixes)
     found = []
     for p in inputs:
         volumes = (
-            sorted(f for f in p.iterdir() if suffix_of(f) in (".nii", ".nii.gz", ".nrrd"))
+            sorted(
+                f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and suffix_of(f) in files
+            )
             if p.is_dir()
             else []
         )

@@ -14,7 +14,7 @@ import numpy as np
 
 from medsight import progress
 from medsight.engine import checkpoint
-from medsight.engine.preprocess import Preprocessing
+from medsight.engine.preprocess import Preprocessing, as_picture, as_volume
 from medsight.engine.sampling import from_working, pad_to, round_up, stack, to_working
 from medsight.engine.tta import average_over_views, mirror_views
 from medsight.errors import MedsightError
@@ -151,6 +151,13 @@ class Predictor:
         self.slices = int(self.model_info.get("slices", 1))
         self.patch = tuple(payload["patch"])
         self.labels: dict[int, str] = {int(k): v for k, v in payload["labels"].items()}
+        # Masks hold the values the training label files stored (0/255 pictures stay 0/255), so a
+        # prediction compares with the dataset's own masks.
+        mapping = {int(k): int(v) for k, v in payload.get("label_mapping", {}).items()}
+        stored = {}
+        for raw, value in sorted(mapping.items()):
+            stored.setdefault(value, raw)
+        self.stored_values = {v: stored.get(v, v) for v in self.labels}
         self.pre = Preprocessing.from_dict(payload["preprocessing"])
         if backend == "onnx":
             import onnxruntime as ort
@@ -198,7 +205,8 @@ class Predictor:
 
     @property
     def class_values(self) -> np.ndarray:
-        return np.array(sorted(self.labels), dtype=np.int16)
+        """The value each class index is written as: the training label files' own values."""
+        return np.array([self.stored_values[v] for v in sorted(self.labels)], dtype=np.int16)
 
     def check(self, scan: Scan) -> None:
         if scan.channels != self.pre.in_channels:
@@ -206,12 +214,22 @@ class Predictor:
                 f"scan has {scan.channels} channel(s) but the model was trained on {self.pre.in_channels}",
                 scan.path,
             )
-        if scan.ndim != 3:
-            raise MedsightError(f"the model segments 3D volumes; this scan is {scan.ndim}D", scan.path)
+        one_slice = scan.ndim == 3 and scan.spatial_shape[-1] == 1  # how NIfTI stores a 2D image
+        if scan.ndim != self.pre.dim and not (self.pre.dim == 2 and one_slice):
+            what = {2: "2D images", 3: "3D volumes"}
+            raise MedsightError(
+                f"the model was trained on {what[self.pre.dim]}; this scan is {scan.ndim}D", scan.path
+            )
 
     def predict(self, scan: Scan, largest_component: bool = False) -> tuple[Scan, Scan]:
         """(label map, class probabilities), both on the input scan's own grid and affine."""
         self.check(scan)
+        if scan.ndim == 2:  # a picture is a one-slice volume to the engine, and back
+            labels, probs = self._predict(as_volume(scan), largest_component)
+            return as_picture(labels), as_picture(probs)
+        return self._predict(scan, largest_component)
+
+    def _predict(self, scan: Scan, largest_component: bool) -> tuple[Scan, Scan]:
         working = self.pre.image(scan)
         probs = probabilities(
             self.forward,
