@@ -102,6 +102,17 @@ def test_train_predict_evaluate_on_a_drive_like_folder(drive, tmp_path, cli):
         dices.append(2 * (p & r).sum() / (p.sum() + r.sum()))
     assert np.mean(dices) > 0.5, dices  # dark nuclei on pink: learnt in 30 steps
 
+    # --tta on a model trained with all eight symmetries averages over all eight: the prediction of
+    # a transposed picture is then the transposed prediction (four mirror images alone are not).
+    from medsight import io
+    from medsight.engine.infer import Predictor
+
+    predictor = Predictor(run / "best.pt", tta=True)
+    picture = io.read(drive / "test" / "images" / "case_06.png")
+    _, probs = predictor.predict(picture)
+    _, probs_t = predictor.predict(picture.with_array(np.swapaxes(picture.array, 1, 2).copy()))
+    assert np.allclose(np.swapaxes(probs_t.array, 1, 2), probs.array, atol=1e-5)
+
     report = tmp_path / "evaluation"
     code, out, err = cli(
         "evaluate", "--pred", masks, "--ref", drive / "test" / "1st_manual", "-o", report, "--no-report"

@@ -16,7 +16,7 @@ from medsight import progress
 from medsight.engine import checkpoint
 from medsight.engine.preprocess import Preprocessing, as_picture, as_volume
 from medsight.engine.sampling import from_working, pad_to, round_up, stack, to_working
-from medsight.engine.tta import average_over_views, mirror_views
+from medsight.engine.tta import average_over_views, dihedral_views, mirror_views
 from medsight.errors import MedsightError
 from medsight.scan import Scan
 
@@ -111,8 +111,9 @@ def largest_components(labels: np.ndarray) -> np.ndarray:
 class Predictor:
     """Everything needed to segment a scan, rebuilt from one checkpoint file.
 
-    ``tta`` averages over mirror images along the model's training mirror axes; it is an attribute,
-    so one loaded network can predict both ways.
+    ``tta`` averages over mirror images along the model's training mirror axes (for a model trained
+    on pictures with both axes mirrored, the eight rotations and mirror images it was trained on);
+    it is an attribute, so one loaded network can predict both ways.
     """
 
     def __init__(
@@ -231,15 +232,18 @@ class Predictor:
 
     def _predict(self, scan: Scan, largest_component: bool) -> tuple[Scan, Scan]:
         working = self.pre.image(scan)
-        probs = probabilities(
-            self.forward,
-            working.array,
-            self.kind,
-            self.slices,
-            self.patch,
-            self.pre.slice_axis,
-            self.mirror_axes if self.tta else (),
-        )
+
+        def run(image: np.ndarray, mirror_axes=()) -> np.ndarray:
+            return probabilities(
+                self.forward, image, self.kind, self.slices, self.patch, self.pre.slice_axis, mirror_axes
+            )
+
+        square = len(self.patch) == 2 and self.patch[0] == self.patch[1]
+        if self.tta and self.pre.dim == 2 and square and {0, 1} <= set(self.mirror_axes):
+            # trained on all eight rotations and mirror images of pictures (PatchSampler transpose)
+            probs = average_over_views(run, working.array, dihedral_views((1, 2)))
+        else:
+            probs = run(working.array, self.mirror_axes if self.tta else ())
         probs = self.pre.restore(probs, working, scan)
         labels = self.class_values[np.argmax(probs, axis=0)]
         if largest_component:
