@@ -118,19 +118,9 @@ def test_train_predict_evaluate_on_a_drive_like_folder(drive, tmp_path, cli):
         "evaluate", "--pred", masks, "--ref", drive / "test" / "1st_manual", "-o", report, "--no-report"
     )
     assert code == 0, err
-    summary = json.loads((report / "summary.json").read_text())
-    text = json.dumps(summary)
-    assert f"{np.mean(dices):.4f}"[:5] in text or any(
-        abs(v - np.mean(dices)) < 1e-4 for v in _numbers(summary)
-    ), (dices, summary)
-
-
-def _numbers(tree) -> list[float]:
-    if isinstance(tree, dict):
-        return [v for x in tree.values() for v in _numbers(x)]
-    if isinstance(tree, list):
-        return [v for x in tree for v in _numbers(x)]
-    return [float(tree)] if isinstance(tree, int | float) and not isinstance(tree, bool) else []
+    scores = json.loads((report / "summary.json").read_text())["summary"]
+    assert list(scores) == ["255"]  # the references' own foreground value
+    assert scores["255"]["dice"]["mean"] == pytest.approx(np.mean(dices), abs=1e-6)
 
 
 @pytest.mark.slow
@@ -188,7 +178,6 @@ def test_sampler_transposes_pictures_into_all_eight_symmetries():
     assert seen(mirror_axes=(0, 1), transpose=True) == views
     flips = seen(mirror_axes=(0, 1))
     assert len(flips) == 4 and flips < views
-    assert all(np.array_equal(*pair) for pair in [(a, a) for a in flips])
 
 
 def test_spacing_option_resamples_pictures():
