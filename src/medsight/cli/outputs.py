@@ -172,7 +172,12 @@ def _predict_jobs(scans, out, model, overwrite, skip_existing, probabilities, op
     record = check_provenance(out, model, overwrite)
     io.remove_stale_temporaries(out)
     keep = overwrite or skip_existing
-    targets = output_paths(scans, out, lambda p: f"{case(p)}.nii.gz", keep)
+
+    def mask_name(path: Path) -> str:  # a picture gets a picture of its own size
+        picture = path.is_file() and io.suffix_of(path) in io.FORMATS["image"].suffixes
+        return f"{case(path)}.png" if picture else f"{case(path)}.nii.gz"
+
+    targets = output_paths(scans, out, mask_name, keep)
     prob_targets = (
         output_paths(scans, out, lambda p: f"{case(p)}_prob.nii.gz", keep)
         if probabilities

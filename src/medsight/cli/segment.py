@@ -27,7 +27,7 @@ def train(
     method: str = typer.Option(
         "context25d",
         "--method",
-        help="unet2d, context25d, unet3d; or fewshot-prototype, fewshot-local-prototype, "
+        help="unet2d, context25d, unet3d (2D images: unet2d); or fewshot-prototype, fewshot-local-prototype, "
         "fewshot-conditional, fewshot-shared (the three heads on one encoder; self-supervised: labels are "
         "ignored, validated on superpixel episodes of held-out images; see `medsight fewshot`).",
     ),
@@ -43,6 +43,11 @@ def train(
         None, help="Patch (3D: X,Y,Z) or slice window (2D/2.5D: H,W), e.g. 64,64 (default: planned)."
     ),
     memory_budget: float = typer.Option(512.0, help="MB of activations per batch the plan aims at."),
+    spacing: str = typer.Option(
+        None,
+        help="Target spacing of the axes the network sees (3D: X,Y,Z; 2D/2.5D: the two in-plane axes), "
+        "instead of the training set's median; pictures have 1 per pixel, so 2,2 halves their resolution.",
+    ),
     lr: float = typer.Option(None, help="Learning rate (AdamW, poly decay; default: 0.002, few-shot 0.001)."),
     slices: int = typer.Option(5, help="Slices per stack for context25d (odd)."),
     slice_axis: int = typer.Option(
@@ -74,7 +79,8 @@ def train(
         "",
         help="Comma-separated voxel axes along which mirror images are plausible and keep their label "
         "names, e.g. 0 for left-right on a bilateral organ without left/right labels. Training mirrors "
-        "along them; `predict --tta` averages over them. Off by default.",
+        "along them; `predict --tta` averages over them. On 2D images 0,1 also transposes: all eight "
+        "rotations and mirror images (nuclei, cells). Off by default.",
     ),
     ema_decay: float = typer.Option(
         0.999,
@@ -105,6 +111,10 @@ def train(
         options["patch_size"] = parse_axes(patch_size) if patch_size else None
     except ValueError as error:
         raise MedsightError(f"--patch-size: {error}") from None
+    try:
+        options["spacing"] = [float(v) for v in spacing.split(",")] if spacing else None
+    except ValueError:
+        raise MedsightError(f"--spacing needs numbers like 2,2, not {spacing!r}") from None
     options.update(data=str(data), out=str(out))
     config = _config(task_class.config_class, options, method)
     summary = fit(task_class(config), config)
@@ -132,10 +142,12 @@ def _config(config_class, options: dict, method: str):
 
 def predict(
     inputs: list[Path] = typer.Argument(
-        ..., help="Scans (NIfTI, DICOM folders...) or folders of NIfTI scans."
+        ..., help="Scans (NIfTI, DICOM folders, PNG/TIFF pictures...) or folders of them."
     ),
     model: Path = typer.Option(..., "--model", "-m", help="Checkpoint written by `medsight train`."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output folder for <case>.nii.gz masks."),
+    out: Path = typer.Option(
+        ..., "-o", "--out", help="Output folder for <case>.nii.gz masks (<case>.png for pictures)."
+    ),
     largest_component: bool = typer.Option(
         False, help="Keep only the largest connected component per class."
     ),
@@ -155,6 +167,8 @@ def predict(
     ),
 ) -> None:
     """Segment scans; each mask is written with its input's affine and the training label values.
+
+    A picture (PNG, TIFF, JPEG, BMP, GIF) gets a PNG mask of its own size.
 
     OUT is locked while predicting and gets medsight-provenance.json (model, checkpoint hash, version,
     options); a folder holding another checkpoint's masks is refused unless --overwrite."""
@@ -196,13 +210,17 @@ def _segment(predictor, jobs, largest_component: bool, overwrite: bool) -> None:
 
 
 def _expand(inputs: list[Path]) -> list[Path]:
-    """A folder of volume files stands for its files; a folder with DICOM files is one series."""
-    from medsight.io import suffix_of
+    """A folder of volume files or pictures stands for its files; a folder with DICOM files is one
+    series."""
+    from medsight.io import FORMATS, suffix_of
 
+    files = (".nii", ".nii.gz", ".nrrd", *FORMATS["image"].suffixes)
     found = []
     for p in inputs:
         volumes = (
-            sorted(f for f in p.iterdir() if suffix_of(f) in (".nii", ".nii.gz", ".nrrd"))
+            sorted(
+                f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and suffix_of(f) in files
+            )
             if p.is_dir()
             else []
         )

@@ -6,6 +6,10 @@ per modality (MRI and anything unknown: per-image, per-channel z-score after cli
 image's own 0.5-99.5 percentiles; CT: clip to the training
 foreground's 0.5-99.5 percentiles, then the global mean/std), and the prediction is resampled back
 onto the input's own grid, so the output carries the input's affine.
+
+2D pictures (and 2D scans of any format) go through the same code as one-slice volumes: ``as_volume``
+adds a slice axis of length 1 (the 4x4 affine already has ``k = 0``), which is the slice axis of the
+2D network, and ``as_picture`` drops it again, so a mask keeps the picture's own geometry.
 """
 
 from __future__ import annotations
@@ -16,6 +20,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from medsight.scan import Scan
+
+
+def as_volume(scan: Scan) -> Scan:
+    """A 2D scan as a one-slice volume on the same affine (its third axis is the slice axis)."""
+    return scan if scan.ndim == 3 else Scan(scan.array[..., None], scan.affine, dict(scan.meta), scan.path)
+
+
+def as_picture(scan: Scan) -> Scan:
+    """The inverse of ``as_volume``."""
+    return Scan(scan.array[..., 0], scan.affine, dict(scan.meta), scan.path)
 
 
 def choose_slice_axis(spacing: np.ndarray, labels: list[Scan]) -> int:
@@ -54,6 +68,7 @@ class Preprocessing:
     ct_stats: dict[str, float] = field(default_factory=dict)  # clip_low, clip_high, mean, std
     slice_axis: int = 2  # spatial axis that 2D/2.5D models slide along
     in_channels: int = 1
+    dim: int = 3  # 2: trained on 2D pictures, seen as one-slice volumes (as_volume)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,8 +85,13 @@ class Preprocessing:
         modality: str | None,
         slice_wise: bool,
         slice_axis: int | None = None,
+        spacing: list[float] | None = None,
     ) -> Preprocessing:
-        return cls.fit_stream(zip(scans, labels, strict=True), modality, slice_wise, slice_axis)
+        """``spacing``: the target spacing of the axes a network sees (in-plane for slice-wise
+        methods), instead of the training set's median; e.g. ``2,2`` halves a picture's resolution."""
+        return cls.fit_stream(
+            zip(scans, labels, strict=True), modality, slice_wise, slice_axis, spacing=spacing
+        )
 
     @classmethod
     def fit_stream(
@@ -81,6 +101,7 @@ class Preprocessing:
         slice_wise: bool,
         slice_axis: int | None = None,
         ct_samples: int | None = None,
+        spacing: list[float] | None = None,
     ) -> Preprocessing:
         """:meth:`fit` over (image, label) pairs read one at a time (a generator), keeping only what
         the statistics need: each case's spacing and foreground extent, and for CT its foreground
@@ -104,15 +125,21 @@ class Preprocessing:
         elif not 0 <= slice_axis < len(median):
             raise ValueError(f"slice axis must be one of 0..{len(median) - 1}, got {slice_axis}")
         target = [float(x) for x in median]
+        if spacing is not None:
+            axes = [a for a in range(len(target)) if not (slice_wise and a == slice_axis)]
+            if len(spacing) != len(axes) or min(spacing) <= 0:
+                raise ValueError(f"the target spacing needs {len(axes)} positive values, not {list(spacing)}")
+            for a, value in zip(axes, spacing, strict=True):
+                target[a] = float(value)
         if slice_wise:
             target[slice_axis] = -1.0  # MONAI Spacing: a non-positive pixdim keeps the native spacing
         needs_resampling = any(
             not np.allclose(
                 [t for t in target if t > 0],
-                [sp for t, sp in zip(target, spacing, strict=True) if t > 0],
+                [sp for t, sp in zip(target, case_spacing, strict=True) if t > 0],
                 rtol=0.01,
             )
-            for spacing in spacings
+            for case_spacing in spacings
         )
         pre = cls(target if needs_resampling else None, slice_axis=slice_axis, in_channels=channels)
         if foreground:

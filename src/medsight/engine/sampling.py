@@ -65,7 +65,11 @@ class PatchSampler:
     present, so a small class (a lesion beside a large organ) is seen as often as the large one.
 
     ``mirror_axes`` (the scan's spatial axes) mirrors each sample along each of them with
-    probability 1/2.
+    probability 1/2. With ``transpose`` (2D pictures), when both in-plane axes are mirror axes and
+    the patch is square, a sample is also transposed with probability 1/2: the two mirrors and the
+    transposition draw all eight rotations and mirror images of a picture whose orientation means
+    nothing (nuclei, cells), as the text-guided trainer's crops do. Volumes never transpose: a
+    mirror along each axis does not make the swap of two anatomical axes plausible.
 
     ``images`` and ``labels`` are sequences indexed per sample, so they may be memory-mapped arrays
     (or a sequence that opens one on access): a sample reads only its window. ``class_locations``
@@ -86,11 +90,15 @@ class PatchSampler:
         mirror_axes=(),
         slice_axis: int = 2,
         class_locations=None,
+        transpose: bool = False,
     ):
         self.images, self.labels = images, labels
         self.kind, self.patch, self.slices, self.rng = kind, tuple(patch), slices, rng
         self.fg_fraction = fg_fraction
         self.mirrors = [m for a in mirror_axes if (m := sample_axes(kind, a, slice_axis))]
+        self.transpose = (
+            transpose and kind == "2d" and len(self.mirrors) == 2 and self.patch[0] == self.patch[1]
+        )
         if class_locations is None:
             class_locations = [
                 [np.argwhere(lab == value) for value in np.unique(lab) if value > 0] for lab in labels
@@ -139,6 +147,8 @@ class PatchSampler:
             if self.rng.random() < 0.5:
                 x = np.flip(x, x_axis)
                 y = y if y_axis is None else np.flip(y, y_axis)
+        if self.transpose and self.rng.random() < 0.5:
+            x, y = np.swapaxes(x, -1, -2), y.T
         return pad_to(x, self.patch), pad_to(y, self.patch)
 
     def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
