@@ -30,9 +30,9 @@ app = typer.Typer(
 
 
 def _register_all() -> None:
-    from medsight.cli import data, evaluate, fewshot, phantom, scans, segment, textseg
+    from medsight.cli import data, evaluate, fewshot, phantom, scans, segment, ssl, textseg
 
-    for module in (scans, data, evaluate, phantom, segment, fewshot, textseg):
+    for module in (scans, data, evaluate, phantom, segment, fewshot, textseg, ssl):
         module.register(app)
 
 

@@ -78,6 +78,17 @@ def train(
     precision: str = typer.Option("auto", help="auto (mixed on CUDA, 32 on CPU), 32, 16-mixed, bf16-mixed."),
     num_workers: int = typer.Option(0, min=0, help="DataLoader processes sampling training batches."),
     layout: str = typer.Option(None, help="Force a dataset layout instead of detecting it."),
+    init: Path = typer.Option(
+        None, help="Start unet2d from a `medsight pretrain` checkpoint (every layer but the last)."
+    ),
+    labeled_cases: int = typer.Option(
+        None,
+        min=1,
+        help="Keep only this many labelled training cases, drawn by --seed (validation untouched).",
+    ),
+    labeled_ids: str = typer.Option(
+        None, help="Keep only these labelled training cases (comma-separated ids)."
+    ),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
 ) -> None:
@@ -114,6 +125,10 @@ def train(
     keep = {f for f in SegmentationConfig.__dataclass_fields__} - {"layout_options", "model_kwargs"}
     settings = {k: v for k, v in options.items() if k in keep}
     settings.update(data=str(data), out=str(out), mirror_axes=axes, patch_size=patch)
+    settings.update(
+        init=str(init) if init else None,
+        labeled_ids=[i.strip() for i in labeled_ids.split(",") if i.strip()] if labeled_ids else None,
+    )
     summary = run(SegmentationConfig(**settings))
     if summary["rank"] == 0:
         typer.echo(f"best validation mean Dice {summary['best_val_mean_dice']:.4f}  ->  {summary['best']}")

@@ -58,6 +58,10 @@ register_task(
     "textseg", None, "medsight.tasks.lvit:TextSegPredictor", "medsight.cli.textseg:register",
     "a text-guided model", "medsight textseg predict",
 )  # fmt: skip
+register_task(
+    "pretrain", "medsight.tasks.ssl:PretrainTask", "medsight.tasks.ssl:predictor", "medsight.cli.ssl:register",
+    "a self-supervised pretraining checkpoint", "medsight train --method unet2d --init",
+)  # fmt: skip
 
 
 def task_of(payload: dict[str, Any]) -> str:
