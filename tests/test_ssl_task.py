@@ -100,7 +100,9 @@ def test_init_refuses_an_incompatible_network_or_checkpoint(tmp_path):
 def test_train_init_with_another_network_is_one_line_exit_2(tmp_path, phantom, cli):
     _pretrain_checkpoint(tmp_path / "ssl.pt")
     out = tmp_path / "run"
-    code, _, err = cli("train", "--data", phantom, "--method", "context25d", "--init", tmp_path / "ssl.pt", "-o", out)
+    code, _, err = cli(
+        "train", "--data", phantom, "--method", "context25d", "--init", tmp_path / "ssl.pt", "-o", out
+    )
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "unet2d only" in lines[0] and "Traceback" not in err
     assert not out.exists()
@@ -212,3 +214,28 @@ def test_quick_benchmark_writes_every_key(tmp_path):
     assert {"angle_error_deg", "offset_px", "position_error"} <= set(results["pretext"]["planes+position"])
     assert results["budgets"]["pretrain"]["planes"]["steps"] > 0
     assert "| 1 | planes+position |" in (tmp_path / "ssl-quick.md").read_text()
+
+
+def test_a_dicom_study_trains_on_its_true_plane_tags(tmp_path):
+    from dicom_factory import write_series
+
+    rng = np.random.default_rng(0)
+    study = tmp_path / "study"
+    # axial stack: pixel (row r, col c) of slice s sits at LPS (10 + c, -20 + r, 30 + 2 s), 1 mm pixels
+    write_series(study / "axial", rng.integers(0, 500, (9, 16, 16)), (1, 0, 0), (0, 1, 0), (1.0, 1.0), 2.0,
+                 (10.0, -20.0, 30.0), frame_of_reference_uid="1.2.3.4")  # fmt: skip
+    # coronal series (normal +y): its central slice lies at y = -16 + 2 = -14, i.e. row 6 of every axial image
+    write_series(study / "coronal", rng.integers(0, 500, (3, 16, 16)), (1, 0, 0), (0, 0, -1), (1.0, 1.0), 2.0,
+                 (10.0, -16.0, 40.0), frame_of_reference_uid="1.2.3.4")  # fmt: skip
+    cfg = PretrainConfig(data=str(study), out=str(tmp_path / "ssl"), pretext="planes+position", size=16,
+                         spacing=1.0, sigma=2.0, stack_slices=9, progress=False)  # fmt: skip
+    task = PretrainTask(cfg)
+    task.prepare()
+    assert task.dicom and task.model_kwargs["n_views"] == 1
+    sample = task.data.value["val_samples"][0]
+    assert sample["heatmap"].shape == (9, 1, 16, 16)
+    assert np.allclose(sample["heatmap"][:, 0, 6, :], 1.0, atol=1e-4)
+    assert np.allclose(sample["heatmap"][:, 0, 8, :], np.exp(-4 / 8), atol=1e-4)
+    assert np.allclose(sample["position"], np.arange(9) / 8)
+    batch = task.make_batch(np.random.default_rng(0))
+    assert batch["input"].shape == (18, 1, 16, 16) and torch.isfinite(batch["input"]).all()
