@@ -239,3 +239,21 @@ def test_a_dicom_study_trains_on_its_true_plane_tags(tmp_path):
     assert np.allclose(sample["position"], np.arange(9) / 8)
     batch = task.make_batch(np.random.default_rng(0))
     assert batch["input"].shape == (18, 1, 16, 16) and torch.isfinite(batch["input"]).all()
+
+
+def test_a_plain_folder_of_scans_is_read_without_labels(tmp_path, phantom):
+    import shutil
+
+    from medsight.tasks.ssl import read_volumes
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for image in sorted((phantom / "imagesTr").iterdir())[:4]:
+        shutil.copy(image, folder / image.name)
+    data = read_volumes(PretrainConfig(data=str(folder), val_fraction=0.25), progress=False)
+    assert len(data["train"]) == 3 and len(data["val"]) == 1
+    assert not set(data["train_ids"]) & set(data["val_ids"])
+    for scan in data["train"] + data["val"]:  # z-scored for the network, geometry kept
+        assert abs(float(scan.array.mean())) < 0.05 and abs(float(scan.array.std()) - 1) < 0.05
+    with pytest.raises(MedsightError):
+        read_volumes(PretrainConfig(data=str(tmp_path / "empty")), progress=False)

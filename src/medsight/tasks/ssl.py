@@ -70,15 +70,20 @@ def read_volumes(cfg: PretrainConfig, progress: bool) -> dict[str, Any]:
 
     root = Path(cfg.data)
     split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
-    files = _scan_folder(root) if cfg.layout is None and root.is_dir() else []
-    if files and not (root / "dataset.json").exists():
+    try:
+        dataset = open_dataset(root, cfg.layout)
+    except MedsightError:
+        files = _scan_folder(root) if cfg.layout is None else []
+        if not files:  # neither a dataset nor a folder of scans: the layout detector's message
+            raise
+        dataset = None
+    if dataset is None:
         by_id = {f.name.split(".")[0]: f for f in files}
         train_ids, val_ids = train_val_split(by_id, cfg.val_fraction, split_seed)
 
         def load(cid):
             return io.read(by_id[cid])
     else:
-        dataset = open_dataset(root, cfg.layout)
         if dataset.dim != 3:
             raise MedsightError("pretraining on imaging planes needs 3D volumes; this dataset is 2D", root)
         train_ids, val_ids = split_dataset(dataset, cfg.val_fraction, split_seed)
