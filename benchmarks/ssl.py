@@ -300,6 +300,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--draws", default="0,1,2")
     parser.add_argument("--pretrain-epochs", type=int, default=12)
     parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--brats-epochs", type=int, default=4, help="pretraining epochs on BraTS")
     parser.add_argument("--steps-per-epoch", type=int, default=50)
     parser.add_argument(
         "--max-val-cases", type=int, default=10, help="validation cases per fine-tuning epoch"
@@ -340,8 +341,9 @@ def main(argv=None) -> dict:
                     _save(units / f"finetune-{shots}-{config.replace('+', '_')}-{draw}.json", unit)
                     print(f"N={shots} draw {draw} {config}: Dice {unit['mean_dice']:.4f}", file=sys.stderr)
     if "brats" in stages:
-        # the pretext alone on brains: planes 64 px at 3 mm cover a brain as 40 px at 1 mm cover a hippocampus
-        unit = pretrain_unit("planes+position", args.brats, args.work / "brats", args, size=64, spacing=3.0)
+        # the pretext alone on brains: 40 px at 4 mm cover a brain's cross-section as 40 px at 1 mm a hippocampus
+        args.pretrain_epochs = args.brats_epochs
+        unit = pretrain_unit("planes+position", args.brats, args.work / "brats", args, size=40, spacing=4.0)
         _save(units / "brats-planes_position.json", unit)
     results = collect(args.work, args)
     _save(args.out / f"{name}.json", results)
