@@ -216,6 +216,10 @@ def collect(work: Path, args) -> dict:
             },
             "pretrain_steps_planned": args.pretrain_epochs * args.steps_per_epoch,
             "finetune_steps_planned": args.finetune_epochs * args.steps_per_epoch,
+            "brats_pretrain_steps": brats["steps"] if brats else None,
+            "draws_per_n": {
+                shots: len(configs.get("scratch", {}).get("draws", [])) for shots, configs in table.items()
+            },
             "steps_per_epoch": args.steps_per_epoch,
             "batch": "pretrain: 16 stack slices (2 stacks of 8) of 40x40 px at 1 mm; fine-tune: planned (engine/plan.py)",
             "max_val_cases_during_finetune": args.max_val_cases,
@@ -280,9 +284,11 @@ def table(results: dict) -> str:
     steps = ", ".join(
         f"{k} {v['steps']} steps ({v['train_seconds']:.0f} s)" for k, v in budgets["pretrain"].items()
     )
+    draws = ", ".join(f"N={n}: {d}" for n, d in budgets.get("draws_per_n", {}).items())
     lines += [
         "",
-        f"Pretraining: {steps}. Fine-tuning: at most {budgets['finetune_steps_planned']} steps per run. {budgets['reduced']}.",
+        f"Pretraining: {steps}; BraTS {budgets.get('brats_pretrain_steps')} steps. Fine-tuning: at most "
+        f"{budgets['finetune_steps_planned']} steps per run; draws {draws}. {budgets['reduced']}.",
     ]
     return "\n".join(lines) + "\n"
 
