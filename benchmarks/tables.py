@@ -74,11 +74,16 @@ def flat_table(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ssl_table(path: Path) -> str:
+    return _script("ssl").table(json.loads(path.read_text()))
+
+
 KINDS: dict[str, Callable[[Path], str]] = {
     "segmentation": segmentation_table,
     "textseg": textseg_table,
     "fewshot": fewshot_table,
     "sr": sr_table,
+    "ssl": ssl_table,
 }
 
 

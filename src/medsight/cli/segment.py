@@ -90,6 +90,17 @@ def train(
     precision: str = typer.Option("auto", help="auto (mixed on CUDA, 32 on CPU), 32, 16-mixed, bf16-mixed."),
     num_workers: int = typer.Option(0, min=0, help="DataLoader processes sampling training batches."),
     layout: str = typer.Option(None, help="Force a dataset layout instead of detecting it."),
+    init: Path = typer.Option(
+        None, help="Start unet2d from a `medsight pretrain` checkpoint (every layer but the last)."
+    ),
+    labeled_cases: int = typer.Option(
+        None,
+        min=1,
+        help="Keep only this many labelled training cases, drawn by --seed (validation untouched).",
+    ),
+    labeled_ids: str = typer.Option(
+        None, help="Keep only these labelled training cases (comma-separated ids)."
+    ),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
 ) -> None:
@@ -115,7 +126,8 @@ def train(
         options["spacing"] = [float(v) for v in spacing.split(",")] if spacing else None
     except ValueError:
         raise MedsightError(f"--spacing needs numbers like 2,2, not {spacing!r}") from None
-    options.update(data=str(data), out=str(out))
+    options.update(data=str(data), out=str(out), init=str(init) if init else None)
+    options["labeled_ids"] = [i.strip() for i in labeled_ids.split(",") if i.strip()] if labeled_ids else None
     config = _config(task_class.config_class, options, method)
     summary = fit(task_class(config), config)
     if summary["rank"] == 0:

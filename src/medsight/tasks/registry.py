@@ -66,6 +66,10 @@ register_task(
     "sr", "medsight.tasks.sr:SRTask", "medsight.tasks.sr:predictor", "medsight.cli.sr:register",
     "a super-resolution model", "medsight sr predict",
 )  # fmt: skip
+register_task(
+    "pretrain", "medsight.tasks.ssl:PretrainTask", "medsight.tasks.ssl:predictor", "medsight.cli.ssl:register",
+    "a self-supervised pretraining checkpoint", "medsight train --method unet2d --init",
+)  # fmt: skip
 
 
 def task_of(payload: dict[str, Any]) -> str:

@@ -37,6 +37,9 @@ class SegmentationConfig(LoopConfig):
     # Spatial axes along which mirror images are anatomically plausible and keep their label names.
     mirror_axes: list[int] = field(default_factory=list)
     max_val_cases: int | None = None
+    init: str | None = None  # a `medsight pretrain` checkpoint: every layer but the last (unet2d)
+    labeled_cases: int | None = None  # keep this many labelled training cases, drawn by seed
+    labeled_ids: list[str] | None = None  # or exactly these training cases
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -83,6 +86,31 @@ def _read_cases(dataset, ids, what: str, progress: bool) -> list:
     return pairs
 
 
+def labeled_subset(
+    train_ids: list[str], val_ids: list[str], n: int | None, ids: list[str] | None, seed: int, root
+) -> list[str]:
+    """The training cases whose labels a few-label run keeps: ``n`` drawn by ``seed``, or ``ids``
+    (which must be training cases: a validation case would leak into training)."""
+    if n is not None and ids:
+        raise MedsightError("give --labeled-cases or --labeled-ids, not both")
+    if ids:
+        leaked = [i for i in ids if i in val_ids]
+        unknown = [i for i in ids if i not in train_ids and i not in val_ids]
+        if leaked or unknown:
+            what = "validation case(s)" if leaked else "unknown case(s)"
+            raise MedsightError(f"--labeled-ids names {what}: {', '.join(leaked or unknown)}", root)
+        return [i for i in train_ids if i in set(ids)]
+    if n is None:
+        return train_ids
+    if not 1 <= n <= len(train_ids):
+        raise MedsightError(
+            f"--labeled-cases must be between 1 and {len(train_ids)} (the training cases), not {n}"
+        )
+    # a stream of its own: the split's permutation (same seed) must not decide which cases are kept
+    chosen = set(np.random.default_rng([seed, 26]).choice(len(train_ids), n, replace=False).tolist())
+    return [cid for k, cid in enumerate(train_ids) if k in chosen]
+
+
 def check_method_fits(method: str, kind: str, dim: int, data) -> None:
     """2D pictures have no neighbouring slices (context25d) and no depth (unet3d)."""
     if dim == 2 and kind != "2d":
@@ -108,6 +136,7 @@ def prepare_data(cfg: SegmentationConfig, kind: str, progress: bool = True) -> d
     train_ids, val_ids = split_dataset(dataset, cfg.val_fraction, split_seed)
     if not train_ids or not val_ids:
         raise MedsightError("need at least one training and one validation case", cfg.data)
+    train_ids = labeled_subset(train_ids, val_ids, cfg.labeled_cases, cfg.labeled_ids, cfg.seed, cfg.data)
     if cfg.max_val_cases:
         val_ids = val_ids[: cfg.max_val_cases]
     train_pairs = _read_cases(dataset, train_ids, "training cases", progress)
@@ -190,6 +219,11 @@ class SegmentationTask(MedsightTask):
                 f"slices must be odd (the centre slice is the one segmented), not {cfg.slices}"
             )
         self.slices = cfg.slices if self.kind == "2.5d" else 1
+        self.init = None
+        if cfg.init:  # refused before any data is read
+            from medsight.tasks.ssl import check_init
+
+            check_init(cfg.init, cfg.method)
 
     def model_name(self) -> str:
         return self.cfg.method
@@ -214,6 +248,10 @@ class SegmentationTask(MedsightTask):
             self.model_kwargs["slices"] = self.slices
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.method, **self.model_kwargs)
+        if cfg.init:
+            from medsight.tasks.ssl import init_from_pretrained
+
+            self.init = init_from_pretrained(self.model, cfg.init, cfg.method)
         weights = (
             class_weights([y for _, y in data["train"]], n_classes) if cfg.class_weights == "auto" else None
         )
@@ -289,6 +327,7 @@ class SegmentationTask(MedsightTask):
                 "val_ids": data["val_ids"],
                 "seed": self.cfg.seed,
             },
+            **({"init": self.init} if self.init else {}),
         }
 
     def summary_of(self, payload: dict[str, Any]) -> dict[str, Any]:
