@@ -177,6 +177,7 @@ def test_registry_entries_and_input_kinds():
         "unet2d": "2d",
         "context25d": "2.5d",
         "unet3d": "3d",
+        "lvit": "2d",
     }
     assert MODELS["context25d"].slices({"slices": 7}) == 7
     assert MODELS["context25d"].slices({}) == 5
