@@ -281,14 +281,9 @@ def test_weight_average_is_what_the_checkpoint_holds(phantom, tmp_path, monkeypa
     def recording_adamw(parameters, lr):
         parameters = list(parameters)
         optimiser = plain_adamw(parameters, lr)
-        step = optimiser.step
-
-        def recorded_step(*args, **kwargs):
-            result = step(*args, **kwargs)
-            snapshots.append([p.detach().clone() for p in parameters])
-            return result
-
-        optimiser.step = recorded_step
+        optimiser.register_step_post_hook(
+            lambda *_: snapshots.append([p.detach().clone() for p in parameters])
+        )
         return optimiser
 
     monkeypatch.setattr(engine, "adamw", recording_adamw)
@@ -483,7 +478,9 @@ def test_unlabeled_images_improve_on_the_labeled_ones_alone(tmp_path):
     assert semi["pseudo_label_rounds"] == 8  # second half of 16 epochs, one round per epoch
     sup_log = pd.read_csv(tmp_path / "sup" / "metrics.csv")
     semi_log = pd.read_csv(tmp_path / "semi" / "metrics.csv")
-    np.testing.assert_allclose(semi_log.val_mean_dice[:8], sup_log.val_mean_dice[:8], atol=1e-6)  # same warm-up
+    np.testing.assert_allclose(
+        semi_log.val_mean_dice[:8], sup_log.val_mean_dice[:8], atol=1e-6
+    )  # same warm-up
     assert semi_log.epi_loss[8:].notna().all() and semi_log.lv_loss[8:].notna().all()
     assert semi["best_val_mean_dice"] >= supervised["best_val_mean_dice"] + 0.01
 
