@@ -177,11 +177,12 @@ def test_grounded_lvit_reads_positions_and_checks_its_channels():
 def test_crops_flips_and_rotations_carry_each_pixels_absolute_position():
     """A label that numbers each pixel (row * 1000 + column) goes through the training augmentation
     with the position channels; wherever a pixel lands, its positions must still be its own."""
-    from medsight.tasks.lvit import _augmenter, positions
+    from medsight.models.lvit import positions
+    from medsight.tasks.lvit_data import augmenter
 
     h, w = 40, 50
     numbered = (np.arange(h)[:, None] * 1000 + np.arange(w)[None, :])[None]
-    augment = _augmenter(16, ["image", "label", "positions"])
+    augment = augmenter(16, ["image", "label", "positions"])
     augment.set_random_state(seed=3)
     for _ in range(20):
         out = augment(

@@ -39,16 +39,18 @@ import torch
 
 from medsight.engine.loop import LoopConfig, MedsightTask, Shared, fit, world
 from medsight.errors import MedsightError
-from medsight.models.lvit import (
-    forward,
-    is_grounded,
-    lv_loss,
-    positions,
-    predict_probabilities,
-    pseudo_label_loss,
-)
+from medsight.models.lvit import forward, is_grounded, lv_loss, predict_probabilities, pseudo_label_loss
 from medsight.scan import Scan
-from medsight.tasks.lvit_data import choose_labeled, match_by_text, resize, working_shape
+from medsight.tasks.lvit_data import (
+    augmenter,
+    choose_labeled,
+    epi_update,
+    labeled_batch,
+    match_by_text,
+    resize,
+    unlabeled_batch,
+    working_shape,
+)
 
 METHODS = ("lvit", "unet2d")
 TEXT_METHODS = ("lvit",)
@@ -105,42 +107,6 @@ CLI_FLAGS = {
     "use_epi": "epi",
     "use_lv_loss": "lv-loss",
 }
-
-
-def epi_update(previous: np.ndarray | None, current: np.ndarray, beta: float) -> np.ndarray:
-    """One EPI round: ``beta * previous + (1 - beta) * current``; the first round takes ``current``."""
-    if not 0.0 <= beta < 1.0:
-        raise ValueError(f"EPI beta must lie in [0, 1), got {beta}")
-    current = np.asarray(current, dtype=np.float32)
-    if previous is None:
-        return current.copy()
-    if previous.shape != current.shape:
-        raise ValueError(f"pseudo-label shape {previous.shape} differs from prediction {current.shape}")
-    return (beta * previous + (1.0 - beta) * current).astype(np.float32)
-
-
-def _augmenter(crop: int, keys: list[str]):
-    from monai import transforms as mt
-
-    return mt.Compose(
-        [
-            mt.SpatialPadd(keys, spatial_size=(crop, crop), method="end", mode="constant"),
-            mt.RandSpatialCropd(keys, roi_size=(crop, crop), random_size=False),
-            mt.RandFlipd(keys, prob=0.5, spatial_axis=0),
-            mt.RandFlipd(keys, prob=0.5, spatial_axis=1),
-            mt.RandRotate90d(keys, prob=0.75, max_k=3),
-            mt.RandScaleIntensityd("image", factors=0.1, prob=0.3),
-            mt.RandShiftIntensityd("image", offsets=0.1, prob=0.3),
-            mt.RandGaussianNoised("image", std=0.05, prob=0.15),
-        ]
-    )
-
-
-def _text_batch(items) -> tuple[torch.Tensor, torch.Tensor]:
-    return (
-        torch.from_numpy(np.stack([it.text.tokens for it in items])),
-        torch.from_numpy(np.stack([it.text.mask for it in items])),
-    )
 
 
 # -- the task ---------------------------------------------------------------------------------------
@@ -214,67 +180,35 @@ class TextSegTask(MedsightTask):
         self.loss_fn = WeightedCEDiceLoss(self.n_classes)
         self.grounded = is_grounded(self.model)
         extra = ["positions"] if self.grounded else []
-        data["aug_labeled"] = _augmenter(cfg.crop_size, ["image", "label", *extra])
-        data["aug_unlabeled"] = _augmenter(cfg.crop_size, ["image", "pseudo", "matched", *extra])
+        data["aug_labeled"] = augmenter(cfg.crop_size, ["image", "label", *extra])
+        data["aug_unlabeled"] = augmenter(cfg.crop_size, ["image", "pseudo", "matched", *extra])
         self.data = Shared(data)
         self.epi.value["pseudo"] = {it.case_id: None for it in data["unlabeled"]}
 
     # -- batches
-    def _augmented(self, augment, item, **targets) -> tuple[np.ndarray, dict]:
-        """The augmented image (with its equally augmented positions for a grounded model) and targets."""
-        extra = {"positions": positions(item.image.shape)} if self.grounded else {}
-        out = augment({"image": item.image, **targets, **extra})
-        image = np.asarray(out["image"], np.float32)
-        if self.grounded:
-            image = np.concatenate([image, np.asarray(out["positions"], np.float32)])
-        return image, out
-
     def make_batch(self, rng: np.random.Generator):
         data = self.data.value
-        chosen = [data["labeled"][i] for i in rng.integers(len(data["labeled"]), size=self.batch)]
-        data["aug_labeled"].set_random_state(seed=int(rng.integers(2**31)))
-        xs, ys = [], []
-        for item in chosen:
-            x, out = self._augmented(data["aug_labeled"], item, label=item.label[None])
-            xs.append(x)
-            ys.append(np.asarray(out["label"])[0])
-        tokens, mask = _text_batch(chosen)
+        chosen = rng.integers(len(data["labeled"]), size=self.batch)
+        batch = labeled_batch(data, chosen, int(rng.integers(2**31)), self.grounded)
         return {
-            "x": torch.from_numpy(np.stack(xs)),
-            "y": torch.from_numpy(np.stack(ys).astype(np.int64)),
-            "tokens": tokens,
-            "mask": mask,
+            **{k: torch.from_numpy(v) for k, v in batch.items()},
+            # the unlabeled half: augmented in training_step with the pseudo-labels of the epoch
             "unlabeled": torch.from_numpy(rng.integers(max(len(data["unlabeled"]), 1), size=self.batch)),
             "seed": int(rng.integers(2**31)),
         }
 
-    def unlabeled_batch(self, indices, seed: int) -> dict[str, torch.Tensor]:
-        data, pseudo = self.data.value, self.epi.value["pseudo"]
-        chosen = [data["unlabeled"][int(i)] for i in indices]
-        data["aug_unlabeled"].set_random_state(seed=seed)
-        xs, ps, ms, valid = [], [], [], []
-        for item in chosen:
-            p = pseudo[item.case_id]
-            if p is None:
-                p = np.zeros((self.n_classes, *item.image.shape[-2:]), np.float32)
-            m = data["matches"].get(item.case_id)
-            matched = (m[0] if m else np.zeros(item.image.shape[-2:], np.int64))[None]
-            x, out = self._augmented(data["aug_unlabeled"], item, pseudo=p, matched=matched)
-            xs.append(x)
-            ps.append(np.asarray(out["pseudo"], np.float32))
-            ms.append(np.asarray(out["matched"])[0].round().astype(np.int64))
-            valid.append(m is not None)
-        tokens, mask = _text_batch(chosen)
-        batch = {"x": np.stack(xs), "pseudo": np.stack(ps), "matched": np.stack(ms), "valid": np.array(valid)}
-        batch = {k: torch.from_numpy(v) for k, v in batch.items()}
-        return {k: v.to(self.device) for k, v in {**batch, "tokens": tokens, "mask": mask}.items()}
+    def _unlabeled(self, indices, seed: int) -> dict[str, torch.Tensor]:
+        batch = unlabeled_batch(
+            self.data.value, self.epi.value["pseudo"], indices, seed, self.n_classes, self.grounded
+        )
+        return {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
 
     def training_step(self, batch, batch_idx):
         cfg = self.cfg
         x, tokens, mask = batch["x"], batch["tokens"], batch["mask"]
         semi_on = self.epi.value["semi_started_at"] is not None
         if semi_on:
-            u = self.unlabeled_batch(batch["unlabeled"], int(batch["seed"]))
+            u = self._unlabeled(batch["unlabeled"], int(batch["seed"]))
             both = forward(
                 self.model,
                 torch.cat([x, u["x"]]),

@@ -1,8 +1,9 @@
 """The data of the text-guided task (tasks/lvit.py): images with a sentence each, masks for some.
 
 Reads a 2D dataset, splits it, keeps the masks of a seeded labeled subset, brings every image to the
-working scale (z-scored per channel, area-averaged), embeds the sentences once (cached on disk) and
-matches each unlabeled image with the labeled image whose sentence is most similar.
+working scale (z-scored per channel, area-averaged), embeds the sentences once (cached on disk),
+matches each unlabeled image with the labeled image whose sentence is most similar, and makes the
+augmented batches (labeled: image and mask; unlabeled: image, EPI pseudo-label and matched mask).
 """
 
 from __future__ import annotations
@@ -228,3 +229,90 @@ def text_matches(labeled: list[Item], unlabeled: list[Item]) -> dict[str, tuple[
         it.case_id: (resize(with_text[int(j)].label[None], it.image.shape[-2:], label=True)[0], float(s))
         for it, j, s in zip(targets, index, sims, strict=True)
     }
+
+
+def epi_update(previous: np.ndarray | None, current: np.ndarray, beta: float) -> np.ndarray:
+    """One EPI round: ``beta * previous + (1 - beta) * current``; the first round takes ``current``."""
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"EPI beta must lie in [0, 1), got {beta}")
+    current = np.asarray(current, dtype=np.float32)
+    if previous is None:
+        return current.copy()
+    if previous.shape != current.shape:
+        raise ValueError(f"pseudo-label shape {previous.shape} differs from prediction {current.shape}")
+    return (beta * previous + (1.0 - beta) * current).astype(np.float32)
+
+
+# -- batches -----------------------------------------------------------------------------------------
+def augmenter(crop: int, keys: list[str]):
+    """Random crops (padded up to ``crop``), flips, 90-degree rotations, mild intensity changes."""
+    from monai import transforms as mt
+
+    return mt.Compose(
+        [
+            mt.SpatialPadd(keys, spatial_size=(crop, crop), method="end", mode="constant"),
+            mt.RandSpatialCropd(keys, roi_size=(crop, crop), random_size=False),
+            mt.RandFlipd(keys, prob=0.5, spatial_axis=0),
+            mt.RandFlipd(keys, prob=0.5, spatial_axis=1),
+            mt.RandRotate90d(keys, prob=0.75, max_k=3),
+            mt.RandScaleIntensityd("image", factors=0.1, prob=0.3),
+            mt.RandShiftIntensityd("image", offsets=0.1, prob=0.3),
+            mt.RandGaussianNoised("image", std=0.05, prob=0.15),
+        ]
+    )
+
+
+def _augmented(augment, item: Item, grounded: bool, **targets) -> tuple[np.ndarray, dict]:
+    """The augmented image (with its equally augmented positions for a grounded model) and targets."""
+    from medsight.models.lvit import positions
+
+    extra = {"positions": positions(item.image.shape)} if grounded else {}
+    out = augment({"image": item.image, **targets, **extra})
+    image = np.asarray(out["image"], np.float32)
+    if grounded:
+        image = np.concatenate([image, np.asarray(out["positions"], np.float32)])
+    return image, out
+
+
+def _texts(items: list[Item]) -> dict[str, np.ndarray]:
+    return {
+        "tokens": np.stack([it.text.tokens for it in items]),
+        "mask": np.stack([it.text.mask for it in items]),
+    }
+
+
+def labeled_batch(
+    data: dict[str, Any], chosen: np.ndarray, seed: int, grounded: bool
+) -> dict[str, np.ndarray]:
+    """Images ``x``, class maps ``y`` and the sentences' tokens of the labeled images ``chosen``."""
+    items = [data["labeled"][int(i)] for i in chosen]
+    data["aug_labeled"].set_random_state(seed=seed)
+    xs, ys = [], []
+    for item in items:
+        x, out = _augmented(data["aug_labeled"], item, grounded, label=item.label[None])
+        xs.append(x)
+        ys.append(np.asarray(out["label"])[0])
+    return {"x": np.stack(xs), "y": np.stack(ys).astype(np.int64), **_texts(items)}
+
+
+def unlabeled_batch(
+    data: dict[str, Any], pseudo: dict, chosen, seed: int, n_classes: int, grounded: bool
+) -> dict[str, np.ndarray]:
+    """Images, pseudo-labels (zero before the first EPI round), text-matched masks and whether
+    there is one (``valid``), and the tokens of the unlabeled images ``chosen``."""
+    items = [data["unlabeled"][int(i)] for i in chosen]
+    data["aug_unlabeled"].set_random_state(seed=seed)
+    xs, ps, ms, valid = [], [], [], []
+    for item in items:
+        p = pseudo[item.case_id]
+        if p is None:
+            p = np.zeros((n_classes, *item.image.shape[-2:]), np.float32)
+        m = data["matches"].get(item.case_id)
+        matched = (m[0] if m else np.zeros(item.image.shape[-2:], np.int64))[None]
+        x, out = _augmented(data["aug_unlabeled"], item, grounded, pseudo=p, matched=matched)
+        xs.append(x)
+        ps.append(np.asarray(out["pseudo"], np.float32))
+        ms.append(np.asarray(out["matched"])[0].round().astype(np.int64))
+        valid.append(m is not None)
+    return {"x": np.stack(xs), "pseudo": np.stack(ps), "matched": np.stack(ms), "valid": np.array(valid),
+            **_texts(items)}  # fmt: skip
