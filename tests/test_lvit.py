@@ -507,3 +507,18 @@ def test_test_time_rotations_and_mirrors_average_the_eight_views():
     assert tta.shape == plain.shape == (2, 20, 28)
     np.testing.assert_allclose(tta, expected.numpy(), atol=1e-5)
     assert np.abs(tta - plain).max() > 1e-3  # the kernel is not symmetric: the views differ
+
+
+def test_textseg_is_a_task_of_the_loop_and_lvit_a_registered_model():
+    from medsight.engine.loop import MedsightTask
+    from medsight.models.registry import MODELS, build_model
+    from medsight.tasks.lvit import TextSegTask
+    from medsight.tasks.registry import get_task
+
+    assert get_task("textseg").resolve("module_class") is TextSegTask
+    assert issubclass(TextSegTask, MedsightTask)
+    assert MODELS["lvit"].input_kind == "2d"
+    net = build_model("lvit", 3, 2, size="small", with_text=False)
+    assert isinstance(net, LViT) and not net.with_text
+    with pytest.raises(MedsightError, match="lvit size must be one of"):
+        TextSegTask(TextSegConfig(data="x", size="huge"))

@@ -184,7 +184,7 @@ def test_registry_entries_and_input_kinds():
 
 
 def test_unknown_model_lists_valid_names():
-    with pytest.raises(UnknownModelError, match="context25d, unet2d, unet3d") as info:
+    with pytest.raises(UnknownModelError, match="context25d, lvit, unet2d, unet3d") as info:
         build_model("vnet", 1, 2)
     assert isinstance(info.value, MedsightError) and isinstance(info.value, ValueError)
 

@@ -85,29 +85,39 @@ def train(
     progress: bool = typer.Option(True, help="Progress bars and a line per epoch."),
 ) -> None:
     """Train on the train split, keep the checkpoint with the best Dice on the validation split."""
-    from medsight.errors import MedsightError
-    from medsight.tasks.lvit import TextSegConfig, train_textseg
+    from medsight.tasks.lvit import train_textseg
 
-    if method not in METHOD_CHOICES:
-        raise MedsightError(f"unknown method '{method}'; choose one of {', '.join(METHOD_CHOICES)}")
-    semi_default = method != "unet2d"
-    options = dict(locals())  # the options named as the config's fields
-    shared = {"epochs", "steps_per_epoch", "batch_size", "lr", "time_limit", "patience", "seed", "ema_decay",
-              "device", "precision", "num_workers", "overwrite", "resume", "progress", "size", "grounded",
-              "labeled_fraction"}  # fmt: skip
-    summary = train_textseg(
-        TextSegConfig(
-            **{k: options[k] for k in shared}, data=str(data), out=str(out),
-            method="unet2d" if method == "unet2d" else "lvit", with_text=method == "lvit",
-            use_epi=semi_default if epi is None else epi, use_lv_loss=semi_default if lv_loss is None else lv_loss,
-            crop_size=crop, image_scale=scale, text_cache=None if text_cache is None else str(text_cache),
-        )
-    )  # fmt: skip
+    summary = train_textseg(_config(dict(locals())))
     if summary["rank"] == 0:
         typer.echo(
             f"best validation Dice {summary['best_val_mean_dice']:.4f} ({len(summary['labeled_ids'])} labeled, "
             f"{len(summary['unlabeled_ids'])} unlabeled images)  ->  {summary['best']}"
         )
+
+
+# `textseg train` options named as TextSegConfig's fields (the others are mapped in _config)
+SAME_NAMES = {"epochs", "steps_per_epoch", "batch_size", "lr", "time_limit", "patience", "seed", "ema_decay",
+              "device", "precision", "num_workers", "overwrite", "resume", "progress", "size", "grounded",
+              "labeled_fraction"}  # fmt: skip
+
+
+def _config(options: dict):
+    """`textseg train`'s options -> TextSegConfig: --method lvit-notext is lvit without text, and
+    --epi/--lv-loss default to on except for unet2d."""
+    from medsight.errors import MedsightError
+    from medsight.tasks.lvit import TextSegConfig
+
+    method = options["method"]
+    if method not in METHOD_CHOICES:
+        raise MedsightError(f"unknown method '{method}'; choose one of {', '.join(METHOD_CHOICES)}")
+    semi = method != "unet2d"
+    epi, lv_loss, cache = options["epi"], options["lv_loss"], options["text_cache"]
+    return TextSegConfig(
+        **{k: options[k] for k in SAME_NAMES}, data=str(options["data"]), out=str(options["out"]),
+        method="unet2d" if method == "unet2d" else "lvit", with_text=method == "lvit",
+        use_epi=semi if epi is None else epi, use_lv_loss=semi if lv_loss is None else lv_loss,
+        crop_size=options["crop"], image_scale=options["scale"], text_cache=None if cache is None else str(cache),
+    )  # fmt: skip
 
 
 def _expand(inputs: list[Path]) -> list[Path]:
