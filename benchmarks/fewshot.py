@@ -1,15 +1,19 @@
 """Few-shot benchmark: three heads trained without labels vs a supervised unet2d trained on the supports.
 
-    python benchmarks/fewshot.py --threads 1 --steps 16000   # hippocampus + BraTS from ../shared/data (~1 h)
-    python benchmarks/fewshot.py --threads 1 --checkpoint runs/shared/model.pt   # evaluate a trained model
+    python benchmarks/fewshot.py --threads 1   # hippocampus + BraTS from ../shared/data (32 x 500 steps, ~1 h)
+    python benchmarks/fewshot.py --threads 1 --checkpoint runs/shared/best.pt   # evaluate a trained model
     python benchmarks/fewshot.py --quick         # smoke run on a phantom written to a temp folder
 
-Training: the three heads on one shared encoder (``fewshot-shared``) for 3 x ``--minutes``, or with
-``--separate`` one model per head for ``--minutes`` each (``--steps`` replaces the time budget with
-a step count per model); self-supervised superpixel episodes on the hippocampus
-images outside the evaluation lists plus the BraTS FLAIR volumes (images only; no label file is
-opened). BraTS has four patients only, so their FLAIR images (never their labels) are among the
+Training goes through the few-shot task (``medsight.tasks.fewshot.train``, what ``medsight train
+--method fewshot-*`` runs) with the same option names: ``--epochs`` x ``--steps-per-epoch`` steps (or
+``--time-limit`` minutes) per model, ``--batch-size`` episodes per step, ``--lr``, ``--patience``
+(default: no early stop), ``--ema-decay``, ``--val-fraction`` (images held out for the validation
+episodes); the model kept is ``best.pt``. The three heads train on one shared encoder
+(``fewshot-shared``), or with ``--separate`` one model per head; self-supervised superpixel episodes on
+the hippocampus images outside the evaluation lists plus the BraTS FLAIR volumes (images only; no label
+file is opened). BraTS has four patients only, so their FLAIR images (never their labels) are among the
 unlabeled training slices: the BraTS figures are transductive, the hippocampus ones are not.
+``--methods``, ``--structures`` and ``--shots`` restrict what is evaluated.
 
 Evaluation, with case lists fixed by ``--seed`` and written to the results:
 - hippocampus: 5 support candidates and 30 disjoint query cases; structures ``whole`` (labels 1+2),
@@ -20,8 +24,9 @@ Evaluation, with case lists fixed by ``--seed`` and written to the results:
 - BraTS whole tumour (labels > 0), FLAIR: each patient in turn is the query, supports are the other
   patients (1-shot: the next one; k-shot: k of the others, at most 3); and slice propagation within
   each patient from its middle tumour slice (``brats/whole-tumour-propagation``).
-- ``supervised-unet2d``: medsight's unet2d with WeightedCEDiceLoss trained briefly on the support
-  volume(s) only (all their slices, the same normalisation) and applied slice by slice.
+- ``supervised-unet2d``: medsight's unet2d trained as ``medsight train --method unet2d --time-limit``
+  trains it (``--supervised-seconds``), on the support volume(s) only, validated on them too (nothing
+  else is labelled), applied with medsight's Predictor; for propagation, on the annotated slice alone.
 Every method's masks keep their largest connected piece (``--no-largest-component`` turns it off).
 Metrics: Dice and HD95 (mm) from ``medsight.evaluate.segmentation_metrics``, seconds per query
 (the support set is embedded once per structure and shot count and timed apart: ``support_seconds``).
@@ -38,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medsight.scan import Scan
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 HEADS = ("prototype", "local-prototype", "conditional")
@@ -45,24 +52,31 @@ METHODS = (*HEADS, "supervised-unet2d")
 
 
 def parse(argv=None) -> argparse.Namespace:
+    from medsight.tasks.fewshot import FewShotConfig
+
+    defaults = FewShotConfig()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--minutes", type=float, default=12.0, help="training budget per head")
+    # training: the options of `medsight train --method fewshot-*`, under the same names
+    p.add_argument("--epochs", type=int, default=32, help="epochs of --steps-per-epoch steps per model")
+    p.add_argument("--steps-per-epoch", type=int, default=500)
+    p.add_argument("--time-limit", type=float, default=None, help="training budget per model, minutes")
+    p.add_argument("--batch-size", type=int, default=None, help="episodes per step (default: 8)")
+    p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument(
-        "--steps", type=int, default=None,
-        help="train each model for this many steps instead of a time budget: the same training whatever "
-        "else runs on the machine",
+        "--patience", type=int, default=None,
+        help="epochs without a better validation episode Dice before stopping (default: --epochs, no early stop)",
     )  # fmt: skip
+    p.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
+    p.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
     p.add_argument("--quick", action="store_true", help="tiny smoke run on a phantom")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--runs", type=Path, default=None, help="where checkpoints go (default: a temp folder)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=64, help="working slice size")
     p.add_argument("--supports", type=int, default=5)
     p.add_argument("--queries", type=int, default=30)
     p.add_argument(
         "--separate", dest="shared", action="store_false",
-        help="three models, one per head, --minutes each (default: the three heads on one encoder, "
-        "fewshot-shared, for 3 x --minutes)",
+        help="three models, one per head (default: the three heads on one encoder, fewshot-shared)",
     )  # fmt: skip
     p.add_argument("--chunks", type=int, default=12, help="chunk protocol: chunks along the slice axis")
     p.add_argument(
@@ -71,17 +85,29 @@ def parse(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument(
         "--checkpoint", type=Path, default=None,
-        help="evaluate this fewshot-shared checkpoint instead of training one (its training cases must "
-        "be outside the evaluation lists)",
+        help="evaluate this fewshot-shared checkpoint instead of training one (its training and validation "
+        "cases must be outside the evaluation lists)",
     )  # fmt: skip
     p.add_argument(
         "--no-largest-component", dest="largest_component", action="store_false",
         help="score raw masks (default: every method's masks keep their largest connected piece)",
     )  # fmt: skip
     p.add_argument("--supervised-seconds", type=float, default=40.0, help="unet2d budget per support set")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to evaluate")
+    p.add_argument(
+        "--structures", default=None,
+        help="comma-separated structures to evaluate, e.g. hippocampus/whole (default: all; BraTS only when "
+        "a brats/ structure is listed or none is given)",
+    )  # fmt: skip
+    p.add_argument("--shots", default=None, help="comma-separated shot counts (default: 1,5; --quick 1,2)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = set(args.methods) - set(METHODS)
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    return args
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -98,62 +124,47 @@ def load_cases(dataset, ids, channel=0):
 
 
 # -- supervised baseline ---------------------------------------------------------------------------
-def train_unet2d(pairs, slice_axis, seconds, seed, only_slices=None):
-    """unet2d on the support volumes' slices (or the given slices); returns a predict(image) function."""
-    import torch
+def one_slice(scan, z: int, axis: int = 2):
+    """Slice ``z`` of a volume along ``axis`` as a one-slice volume in the same world position."""
+    index = [slice(None)] * 4
+    index[1 + axis] = slice(z, z + 1)
+    affine = scan.affine.copy()
+    affine[:3, 3] += affine[:3, axis] * z
+    return Scan(scan.array[tuple(index)], affine, dict(scan.meta), scan.path)
 
-    from medsight.losses import WeightedCEDiceLoss
-    from medsight.models.registry import build_model
-    from medsight.tasks.fewshot import from_slices, normalise_intensity, to_slices
 
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    xs, ys = [], []
-    for k, (image, mask) in enumerate(pairs):
-        x = to_slices(normalise_intensity(image.array), slice_axis)
-        y = to_slices(mask.array > 0, slice_axis)[:, 0].astype(np.int64)
-        keep = np.arange(len(x)) if only_slices is None else np.asarray(only_slices[k])
-        xs.append(x[keep])
-        ys.append(y[keep])
-    shape = np.max([x.shape[-2:] for x in xs], axis=0)
+def train_unet2d(pairs, slice_axis, seconds, seed, only_slice=None):
+    """unet2d trained as `medsight train --method unet2d --time-limit` trains it, on the support volumes
+    (or, with ``only_slice``, one slice of each); they are the validation cases too: nothing else is
+    labelled. Returns a predict(image) function (medsight's Predictor on ``best.pt``)."""
+    from medsight import io
+    from medsight.engine.infer import Predictor
+    from medsight.tasks.segmentation import SegmentationConfig, train
 
-    def pad(a, value=0):
-        return np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, shape[0] - a.shape[-2]), (0, shape[1] - a.shape[-1])],
-                      constant_values=value)  # fmt: skip
-
-    x_all = np.concatenate([pad(x) for x in xs]).astype(np.float32)
-    y_all = np.concatenate([pad(y) for y in ys])
-    fg = np.flatnonzero(y_all.reshape(len(y_all), -1).any(1))
-    model = build_model("unet2d", 1, 2, channels=(16, 32, 64), strides=(2, 2))
-    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    loss_fn = WeightedCEDiceLoss(2, class_weights="auto")
-    start, steps = time.perf_counter(), 0
-    model.train()
-    while time.perf_counter() - start < seconds:
-        pick = rng.choice(fg if len(fg) and rng.random() < 0.67 else len(x_all), size=8)
-        xb, yb = x_all[pick].copy(), y_all[pick].copy()
-        for i in range(len(pick)):  # flips and noise: cheap augmentation for a one-case training set
-            if rng.random() < 0.5:
-                xb[i], yb[i] = xb[i][..., ::-1], yb[i][..., ::-1]
-            xb[i] += rng.normal(0, 0.05, xb[i].shape)
-        loss = loss_fn(
-            model(torch.from_numpy(np.ascontiguousarray(xb))), torch.from_numpy(np.ascontiguousarray(yb))
-        )
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        steps += 1
-    model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, rows = Path(tmp), []
+        for k, (image, mask) in enumerate(pairs):
+            if only_slice is not None:
+                image, mask = (
+                    one_slice(image, only_slice[k], slice_axis),
+                    one_slice(mask, only_slice[k], slice_axis),
+                )
+            io.write(image, folder / f"s{k}.nii.gz")
+            io.write(mask, folder / f"s{k}_mask.nii.gz")
+            files = f"s{k}.nii.gz,s{k}_mask.nii.gz"
+            rows += [f"s{k},{files},train", f"s{k}-val,{files},val"]
+        (folder / "supports.csv").write_text("case_id,image,label,split\n" + "\n".join(rows) + "\n")
+        cfg = SegmentationConfig(
+            method="unet2d", data=str(folder), out=str(folder / "run"), slice_axis=slice_axis, epochs=10_000,
+            steps_per_epoch=20, time_limit=seconds / 60, seed=seed, progress=False,
+        )  # fmt: skip
+        summary = train(cfg)
+        predictor = Predictor(summary["best"])
 
     def predict(image):
-        x = to_slices(normalise_intensity(image.array), slice_axis).astype(np.float32)
-        with torch.no_grad():
-            pred = np.concatenate(
-                [model(torch.from_numpy(x[i : i + 32])).argmax(1).numpy() for i in range(0, len(x), 32)]
-            )
-        return image.with_array(from_slices(pred.astype(np.uint8), slice_axis, image.ndim)[None])
+        return predictor.predict(image)[0]
 
-    predict.steps = steps
+    predict.steps = summary["epochs_run"] * cfg.steps_per_epoch
     return predict
 
 
@@ -255,7 +266,7 @@ def middle_slice(mask_array, axis=2):
 def run_propagation(predictors, cases, values, args):
     """Per patient: annotate the middle slice of the structure, complete the volume."""
     results = {}
-    for method in METHODS:
+    for method in args.methods:
         rows, times = [], []
         for image, label in cases.values():
             ref = binary(label, values)
@@ -265,7 +276,7 @@ def run_propagation(predictors, cases, values, args):
             t0 = time.perf_counter()
             if method == "supervised-unet2d":
                 predict = train_unet2d(
-                    [(image, ref)], 2, args.supervised_seconds / 4, args.seed, only_slices=[[z]]
+                    [(image, ref)], 2, args.supervised_seconds / 4, args.seed, only_slice=[z]
                 )
                 t0 = time.perf_counter()
                 pred = predict(image)
@@ -296,32 +307,117 @@ def main(argv=None) -> dict:
 
 
 def load_trained(checkpoint_path: Path, evaluated_ids: list[str]) -> tuple[dict, dict]:
-    """Predictors for every head of a fewshot-shared checkpoint, refusing one that trained on any
-    image of the evaluation lists."""
+    """Predictors for every head of a fewshot-shared checkpoint, refusing one that trained or
+    validated on any image of the evaluation lists."""
     from medsight.engine import checkpoint
     from medsight.errors import MedsightError
-    from medsight.tasks.fewshot import FewShotPredictor
+    from medsight.tasks.fewshot_predict import FewShotPredictor
 
     payload = checkpoint.load(checkpoint_path)
-    overlap = sorted(set(payload["data"]["case_ids"]) & set(evaluated_ids))
+    seen = set(payload["data"]["case_ids"]) | set(payload["data"].get("val_ids", []))
+    overlap = sorted(seen & set(evaluated_ids))
     if overlap:
         raise MedsightError(f"trained on evaluation cases {', '.join(overlap)}", checkpoint_path)
     summary_path = checkpoint_path.parent / "summary.json"
     summary = (
-        json.loads(summary_path.read_text())
-        if summary_path.is_file()
-        else {"checkpoint": str(checkpoint_path)}
+        json.loads(summary_path.read_text()) if summary_path.is_file() else {"best": str(checkpoint_path)}
     )
-    summary.pop("case_ids", None)
+    summary = {k: v for k, v in summary.items() if k not in ("case_ids", "val_ids")}
     return (
         {head: FewShotPredictor(checkpoint_path, head=head) for head in HEADS},
         {head: {**summary, "trained_in_this_run": False} for head in HEADS},
     )
 
 
+def loop_options(args) -> dict:
+    """The training options, as `medsight train` passes them to the few-shot task."""
+    return {
+        "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "time_limit": args.time_limit,
+        "batch_size": args.batch_size, "lr": args.lr, "patience": args.patience or args.epochs,
+        "ema_decay": args.ema_decay, "val_fraction": args.val_fraction,
+    }  # fmt: skip
+
+
+def train_models(args, sources, channels, evaluated_ids, runs, log) -> tuple[dict, dict]:
+    """The few-shot models, trained through the task's API (`medsight train --method fewshot-*`);
+    the images are read once for every model."""
+    from medsight.tasks.fewshot import FewShotConfig, read_training_slices, train
+    from medsight.tasks.fewshot_predict import FewShotPredictor
+
+    training, predictors, slices = {}, {}, None
+    for run_name in ["shared"] if args.shared else list(HEADS):
+        cfg = FewShotConfig(
+            data=sources, out=str(runs / run_name), method=f"fewshot-{run_name}", channels=channels,
+            seed=args.seed, exclude_ids=evaluated_ids, overwrite=True, progress=not args.quiet, **loop_options(args),
+        )  # fmt: skip
+        if slices is None:
+            log("reading the unlabeled training images ...")
+            slices = read_training_slices(cfg)
+        log(f"training {run_name} ...")
+        summary = train(cfg, slices)
+        for head in HEADS if args.shared else [run_name]:
+            training[head] = {k: v for k, v in summary.items() if k not in ("case_ids", "val_ids")}
+            predictors[head] = FewShotPredictor(summary["best"], head=head)
+    return training, predictors
+
+
+def settings(args) -> dict:
+    from medsight.tasks.fewshot import FewShotConfig
+
+    return {
+        **loop_options(args),
+        "steps_per_model": args.epochs * args.steps_per_epoch,
+        "shared_encoder": args.shared,
+        "size": FewShotConfig().size,
+        "seed": args.seed,
+        "slice_axis": 2,
+        "chunks": args.chunks,
+        "neighbours": args.neighbours,
+        "kshot_combination": "ensemble (mean of per-shot probabilities); average_combination: "
+        "prototypes/weights averaged",
+        "largest_component": args.largest_component,
+        "query_range": "support range mapped proportionally (no query labels)",
+        "supervised_seconds": args.supervised_seconds,
+    }
+
+
+def run_brats(predictors, brats: Path, args) -> dict:
+    """BraTS whole tumour: each patient in turn is the query, the others the supports; and slice
+    propagation inside each patient."""
+    from medsight.datasets import open_dataset
+
+    bdata = open_dataset(brats)
+    patients = sorted(bdata.case_ids)
+    cases = load_cases(bdata, patients)
+    results = {"brats/whole-tumour": {}}
+    for method in args.methods:
+        results["brats/whole-tumour"][method] = {}
+        for k in (1, len(patients) - 1):
+            per_query, sup_ids = [], []
+            for i, q in enumerate(patients):
+                others = [patients[(i + j) % len(patients)] for j in range(1, k + 1)]
+                sup_ids.append(others)
+                sup = [cases[c] for c in others]
+                if method == "supervised-unet2d":
+                    per_query.append(run_supervised(sup, [cases[q]], [1, 2, 3, 4], others, [q], args))
+                else:
+                    per_query.append(
+                        run_fewshot(predictors[method], sup, [cases[q]], [1, 2, 3, 4], others, [q], args)
+                    )
+            results["brats/whole-tumour"][method][str(k)] = {
+                **pooled(per_query),
+                "support_ids": sup_ids,
+                "query_ids": patients,
+            }
+        results["brats/whole-tumour"][method]["5"] = {
+            "skipped": "4 BraTS patients: at most 3 supports per query"
+        }
+    results["brats/whole-tumour-propagation"] = run_propagation(predictors, cases, [1, 2, 3, 4], args)
+    return results
+
+
 def run(args, log) -> dict:
     from medsight.datasets import open_dataset
-    from medsight.tasks.fewshot import FewShotConfig, FewShotPredictor, read_training_slices, train_fewshot
 
     tmp = tempfile.TemporaryDirectory()
     runs = args.runs or Path(tmp.name) / "runs"
@@ -334,7 +430,7 @@ def run(args, log) -> dict:
         structures = {"phantom/cyst": [1], "phantom/tumour": [3]}
         n_supports, n_queries, shots = 2, 2, (1, 2)
         sources, channels, brats = [str(data)], None, None
-        train_kw = {"max_steps": 15, "log_every": 5}
+        args.epochs, args.steps_per_epoch = 3, 5
         args.supervised_seconds = min(args.supervised_seconds, 2.0)
     else:
         dataset = open_dataset(SHARED / "hippocampus")
@@ -342,41 +438,27 @@ def run(args, log) -> dict:
         n_supports, n_queries, shots = args.supports, args.queries, (1, 5)
         brats = SHARED / "brats2015"
         sources, channels = [str(SHARED / "hippocampus"), str(brats)], [0]
-        train_kw = {"max_steps": args.steps} if args.steps else {"time_limit_minutes": args.minutes}
+    if args.shots:
+        shots = tuple(int(k) for k in args.shots.split(","))
+    if args.structures:
+        wanted = args.structures.split(",")
+        structures = {k: v for k, v in structures.items() if k in wanted}
+        if not any(w.startswith("brats/") for w in wanted):
+            brats = None
     order = [dataset.case_ids[i] for i in rng.permutation(len(dataset.case_ids))]
     support_ids, query_ids = order[:n_supports], order[n_supports : n_supports + n_queries]
 
-    training = {}
-    predictors = {}
-    slices = None  # read once, shared by the three heads
-    # default: one model, the three heads on one encoder, trained for the three heads' summed budget
-    runs_to_train = ["shared"] if args.shared else list(HEADS)
     if args.checkpoint:
-        runs_to_train = []
         predictors, training = load_trained(args.checkpoint, support_ids + query_ids)
-    if args.shared and "time_limit_minutes" in train_kw:
-        train_kw["time_limit_minutes"] = args.minutes * len(HEADS)
-    for run_name in runs_to_train:
-        cfg = FewShotConfig(
-            data=sources, out=str(runs / run_name), method=f"fewshot-{run_name}", channels=channels,
-            size=args.size, seed=args.seed, exclude_ids=support_ids + query_ids, overwrite=True,
-            progress=not args.quiet, **train_kw,
-        )  # fmt: skip
-        if slices is None:
-            log("reading the unlabeled training images ...")
-            slices = read_training_slices(cfg)
-        log(f"training {run_name} ...")
-        summary = train_fewshot(cfg, slices)
-        for head in HEADS if args.shared else [run_name]:
-            training[head] = {k: v for k, v in summary.items() if k != "case_ids"}
-            predictors[head] = FewShotPredictor(summary["checkpoint"], head=head)
+    else:
+        training, predictors = train_models(args, sources, channels, support_ids + query_ids, runs, log)
 
     supports = load_cases(dataset, support_ids)
     queries = load_cases(dataset, query_ids)
     results: dict[str, dict] = {}
     for structure, values in structures.items():
         results[structure] = {}
-        for method in METHODS:
+        for method in args.methods:
             results[structure][method] = {}
             for k in shots:
                 ids = support_ids[:k]
@@ -392,33 +474,7 @@ def run(args, log) -> dict:
 
     notes = []
     if brats is not None and brats.exists():
-        bdata = open_dataset(brats)
-        patients = sorted(bdata.case_ids)
-        cases = load_cases(bdata, patients)
-        results["brats/whole-tumour"] = {}
-        for method in METHODS:
-            results["brats/whole-tumour"][method] = {}
-            for k in (1, len(patients) - 1):
-                per_query, sup_ids = [], []
-                for i, q in enumerate(patients):
-                    others = [patients[(i + j) % len(patients)] for j in range(1, k + 1)]
-                    sup_ids.append(others)
-                    sup = [cases[c] for c in others]
-                    if method == "supervised-unet2d":
-                        per_query.append(run_supervised(sup, [cases[q]], [1, 2, 3, 4], others, [q], args))
-                    else:
-                        per_query.append(
-                            run_fewshot(predictors[method], sup, [cases[q]], [1, 2, 3, 4], others, [q], args)
-                        )
-                results["brats/whole-tumour"][method][str(k)] = {
-                    **pooled(per_query),
-                    "support_ids": sup_ids,
-                    "query_ids": patients,
-                }
-            results["brats/whole-tumour"][method]["5"] = {
-                "skipped": "4 BraTS patients: at most 3 supports per query"
-            }
-        results["brats/whole-tumour-propagation"] = run_propagation(predictors, cases, [1, 2, 3, 4], args)
+        results |= run_brats(predictors, brats, args)
         notes.append("BraTS: FLAIR only; its unlabeled FLAIR volumes were part of self-supervised training.")
     elif brats is not None:
         notes.append(f"BraTS skipped: {brats} not found")
@@ -426,21 +482,7 @@ def run(args, log) -> dict:
     report = {
         "benchmark": "fewshot",
         "quick": args.quick,
-        "settings": {
-            "minutes_per_head": None if args.quick or args.steps else args.minutes,
-            "steps_per_model": None if args.quick else args.steps,
-            "shared_encoder": args.shared,
-            "size": args.size,
-            "seed": args.seed,
-            "slice_axis": 2,
-            "chunks": args.chunks,
-            "neighbours": args.neighbours,
-            "kshot_combination": "ensemble (mean of per-shot probabilities); average_combination: "
-            "prototypes/weights averaged",
-            "largest_component": args.largest_component,
-            "query_range": "support range mapped proportionally (no query labels)",
-            "supervised_seconds": args.supervised_seconds,
-        },  # fmt: skip
+        "settings": settings(args),
         "training": training,
         "support_ids": support_ids,
         "query_ids": query_ids,

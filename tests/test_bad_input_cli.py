@@ -69,14 +69,14 @@ def context25d(phantom3d, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fewshot(phantom3d, tmp_path_factory) -> Path:
-    from medsight.tasks.fewshot import FewShotConfig, train_fewshot
+    from medsight.tasks.fewshot import FewShotConfig, train
 
     out = tmp_path_factory.mktemp("fewshot")
     config = FewShotConfig(
-        data=str(phantom3d), out=str(out), method="fewshot-local-prototype", max_steps=1, batch_size=2,
-        progress=False,
+        data=str(phantom3d), out=str(out), method="fewshot-local-prototype", epochs=1, steps_per_epoch=1,
+        batch_size=2, val_episodes=2, overwrite=True, progress=False,
     )  # fmt: skip
-    return Path(train_fewshot(config)["checkpoint"])
+    return Path(train(config)["best"])
 
 
 @pytest.fixture(scope="module")

@@ -505,7 +505,8 @@ def test_predict_names_same_named_inputs_by_folder_and_checks_every_output_first
     inputs = [str(tmp_path / "pat1" / "flair.nii.gz"), str(tmp_path / "pat2" / "flair.nii.gz")]
     result = run_cli("predict", *inputs, "-m", trained["best"], "-o", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pat1_flair.nii.gz", "pat2_flair.nii.gz"]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["medsight-provenance.json", "pat1_flair.nii.gz", "pat2_flair.nii.gz"]
     (tmp_path / "out2").mkdir()
     (tmp_path / "out2" / "pat2_flair.nii.gz").write_bytes(b"kept")
     result = run_cli("predict", *inputs, "-m", trained["best"], "-o", str(tmp_path / "out2"))
@@ -596,3 +597,16 @@ def test_worker_processes_draw_the_same_batches(phantom, tmp_path):
     ]
     for key, value in first["state_dict"].items():
         assert torch.equal(value, second["state_dict"][key]), key
+
+
+def test_time_budget_stops_after_the_epoch_that_passes_it(phantom, tmp_path):
+    """A budget of 6 ms is used up by the first step: that epoch is still validated and saved, the
+    run stops there, and resuming it has nothing left to train."""
+    options = dict(
+        method="unet2d", data=str(phantom), out=str(tmp_path), time_limit=1e-4, **{**TINY, "epochs": 4}
+    )
+    summary = train(TrainConfig(**options))
+    assert summary["epochs_run"] == 1 and (tmp_path / "best.pt").exists()
+    stopped = checkpoint.load(tmp_path / "last.pt")["training"]["stopped"]
+    assert stopped == "the 0.0001-minute budget is used"
+    assert train(TrainConfig(**{**options, "resume": True}))["epochs_run"] == 1

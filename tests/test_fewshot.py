@@ -17,8 +17,8 @@ from medsight.models.fewshot import (
     masked_average_pooling,
 )
 from medsight.scan import Scan
-from medsight.tasks.fewshot import chunk_centres, chunk_of, chunk_plan, matching_range
 from medsight.transforms import EpisodeSampler, body_mask, superpixels
+from medsight.transforms.slices import chunk_centres, chunk_of, chunk_plan, matching_range
 
 
 # -- pooling and similarity ---------------------------------------------------------------------
@@ -163,9 +163,10 @@ def test_se_conditioning_batches_episodes():
 # -- end to end on the phantom ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A local-prototype model trained on four phantom volumes' images (no labels), a few hundred episodes."""
+    """A local-prototype model trained on the images of four phantom volumes (no labels), 300 steps of
+    8 episodes; one of the four volumes gives the validation episodes."""
     from medsight.datasets.phantom import write_phantom_dataset
-    from medsight.tasks.fewshot import FewShotConfig, train_fewshot
+    from medsight.tasks.fewshot import FewShotConfig, train
 
     root = tmp_path_factory.mktemp("fewshot")
     write_phantom_dataset(root / "data", 4, seed=0)
@@ -173,10 +174,10 @@ def trained(tmp_path_factory):
     torch.set_num_threads(1)  # small convolutions: one thread is faster than two fighting for a shared CPU
     try:
         config = FewShotConfig(
-            data=str(root / "data"), out=str(root / "run"), method="fewshot-local-prototype", max_steps=300, lr=2e-3,
-            progress=False,
+            data=str(root / "data"), out=str(root / "run"), method="fewshot-local-prototype", epochs=3,
+            steps_per_epoch=100, lr=2e-3, progress=False,
         )  # fmt: skip
-        summary = train_fewshot(config)
+        summary = train(config)
     finally:
         torch.set_num_threads(threads)
     return summary, root
@@ -186,46 +187,126 @@ def test_training_writes_a_self_describing_checkpoint(trained):
     from medsight.engine import checkpoint
 
     summary, root = trained
-    payload = checkpoint.load(summary["checkpoint"])
-    assert (
-        payload["model"]["name"] == "fewshot-local-prototype"
-        and payload["model"]["head"] == "local-prototype"
-    )
-    assert payload["preprocessing"]["size"] == [64, 64] and payload["preprocessing"]["slice_axis"] == 2
-    assert payload["preprocessing"]["normalisation"]["name"] == "percentile-zscore"
-    assert summary["steps"] == 300 and summary["scans"] == 4
+    for name in ("best.pt", "last.pt"):
+        payload = checkpoint.load(root / "run" / name)
+        assert payload["task"] == "fewshot" and payload["model"]["kind"] == "fewshot-2d"
+        assert (
+            payload["model"]["name"] == "fewshot-local-prototype"
+            and payload["model"]["head"] == "local-prototype"
+        )
+        assert payload["preprocessing"]["size"] == [64, 64] and payload["preprocessing"]["slice_axis"] == 2
+        assert payload["preprocessing"]["normalisation"]["name"] == "percentile-zscore"
+    # 300 steps as 3 epochs of 100; one of the four volumes is held out for validation
+    assert summary["steps"] == 300 and summary["episodes"] == 2400 and summary["epochs_run"] == 3
+    assert summary["scans"] == 3 and len(summary["val_ids"]) == 1
+    assert not set(summary["case_ids"]) & set(summary["val_ids"])
     lines = (root / "run" / "metrics.csv").read_text().splitlines()
-    assert lines[0].startswith("step,episodes,loss") and len(lines) == 1 + 300 // 25
+    assert lines[0].startswith("epoch,train_loss,val_episode_dice") and len(lines) == 1 + 3
+
+
+def test_best_checkpoint_holds_the_weights_with_the_best_held_out_episode_dice(trained):
+    """val_score is the mean Dice of the query predictions on superpixel episodes drawn once, with a
+    fixed seed, from the held-out images; best.pt holds the weights (their average) that scored best.
+    Recomputed here episode by episode from best.pt with numpy Dice."""
+    from medsight.engine import checkpoint
+    from medsight.tasks.fewshot import VALIDATION_STREAM, FewShotConfig, read_training_slices
+    from medsight.tasks.fewshot_predict import FewShotPredictor
+
+    summary, root = trained
+    best = checkpoint.load(summary["best"])
+    history = best["training"]["history"]
+    top = max(history, key=lambda row: row["val_episode_dice"])
+    assert best["training"]["best"] == pytest.approx(top["val_episode_dice"]) == summary["best_val_score"]
+    assert best["training"]["epoch"] + 1 == top["epoch"]  # saved at the epoch that scored best
+    held_out = read_training_slices(
+        FewShotConfig(data=str(root / "data"), include_ids=best["data"]["val_ids"], progress=False)
+    )
+    sampler = EpisodeSampler(held_out.slices, held_out.bodies, np.random.default_rng([0, VALIDATION_STREAM]))
+    s_img, s_mask, q_img, q_mask = (torch.from_numpy(a) for a in sampler.batch(best["data"]["val_episodes"]))
+    model = FewShotPredictor(summary["best"]).model
+    dice = []
+    with torch.no_grad():
+        for i in range(len(s_img)):
+            cond = model.condition(s_img[i : i + 1, None], s_mask[i : i + 1, None])
+            found = model.segment(q_img[i : i + 1], cond).argmax(1)[0].numpy() == 1
+            truth = q_mask[i].numpy() == 1
+            dice.append(2 * (found & truth).sum() / (found.sum() + truth.sum()))
+    assert np.mean(dice) == pytest.approx(top["val_episode_dice"], abs=2e-3)
 
 
 def test_slices_read_once_train_the_same_model(trained, tmp_path):
     """The benchmark reads the images once for three heads: that must not change what is learnt."""
     from medsight.engine import checkpoint
-    from medsight.tasks.fewshot import FewShotConfig, read_training_slices, train_fewshot
+    from medsight.tasks.fewshot import FewShotConfig, read_training_slices, train
 
     _, root = trained
     weights = []
     for pre_read in (False, True):
         cfg = FewShotConfig(
-            data=str(root / "data"), out=str(tmp_path / str(pre_read)), method="fewshot-prototype", max_steps=3,
-            progress=False,
+            data=str(root / "data"), out=str(tmp_path / str(pre_read)), method="fewshot-prototype", epochs=1,
+            steps_per_epoch=3, val_episodes=4, progress=False,
         )  # fmt: skip
-        summary = train_fewshot(cfg, read_training_slices(cfg) if pre_read else None)
-        weights.append(checkpoint.load(summary["checkpoint"])["state_dict"])
+        summary = train(cfg, read_training_slices(cfg) if pre_read else None)
+        weights.append(checkpoint.load(summary["best"])["state_dict"])
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     with pytest.raises(MedsightError, match="not the configured size"):
-        train_fewshot(
-            FewShotConfig(data=cfg.data, out=str(tmp_path / "x"), size=32), read_training_slices(cfg)
-        )
+        train(FewShotConfig(data=cfg.data, out=str(tmp_path / "x"), size=32), read_training_slices(cfg))
+
+
+@pytest.mark.slow
+def test_resume_after_an_interruption_matches_an_unbroken_run(trained, tmp_path):
+    """Weights, their average and the history after an interrupted run is resumed are those of an
+    unbroken run; a resume with another option is refused before anything is read."""
+    import signal
+
+    from medsight.engine import checkpoint
+    from medsight.tasks.fewshot import FewShotConfig, FewShotTask, train
+
+    _, root = trained
+    options = dict(data=str(root / "data"), method="fewshot-prototype", epochs=3, steps_per_epoch=2,
+                   batch_size=2, val_episodes=4, ema_decay=0.9, progress=False)  # fmt: skip
+    train(FewShotConfig(out=str(tmp_path / "a"), **options))
+
+    class Interrupted(FewShotTask):
+        def on_train_epoch_start(self):
+            if self.current_epoch == 2:
+                raise KeyboardInterrupt  # as Ctrl-C would, after two finished epochs
+            super().on_train_epoch_start()
+
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        from medsight.engine.loop import fit
+
+        cfg = FewShotConfig(out=str(tmp_path / "b"), **options)
+        with pytest.raises(KeyboardInterrupt):
+            fit(Interrupted(cfg), cfg)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT once it has shut down
+    assert len(checkpoint.load(tmp_path / "b" / "last.pt")["training"]["history"]) == 2
+    with pytest.raises(MedsightError, match=r"other options \(--lr\)"):
+        train(FewShotConfig(out=str(tmp_path / "b"), resume=True, **{**options, "lr": 0.01}))
+    summary = train(FewShotConfig(out=str(tmp_path / "b"), resume=True, **options))
+    assert summary["epochs_run"] == 3
+    a, b = (checkpoint.load(tmp_path / run / "last.pt") for run in ("a", "b"))
+    assert [row["val_episode_dice"] for row in a["training"]["history"]] == pytest.approx(
+        [row["val_episode_dice"] for row in b["training"]["history"]]
+    )
+    for left, right in (
+        (a["state_dict"], b["state_dict"]),
+        (a["training"]["weights"], b["training"]["weights"]),
+    ):
+        for key in left:
+            assert torch.allclose(left[key], right[key], atol=1e-5), key
+    assert not all(torch.equal(a["state_dict"][k], a["training"]["weights"][k]) for k in a["state_dict"])
 
 
 def test_one_shot_beats_chance_on_the_phantom(trained):
     from medsight.datasets.phantom import make_phantom_3d
     from medsight.evaluate import segmentation_metrics
-    from medsight.tasks.fewshot import FewShotPredictor
+    from medsight.tasks.fewshot_predict import FewShotPredictor
 
-    predictor = FewShotPredictor(trained[0]["checkpoint"])
+    predictor = FewShotPredictor(trained[0]["best"])
     dice, chance = [], []
     for seed in (100, 101, 102):
         support_image, support_label, _ = make_phantom_3d(seed + 50)
@@ -247,9 +328,9 @@ def test_one_shot_beats_chance_on_the_phantom(trained):
 
 def test_prepared_support_serves_many_queries(trained):
     from medsight.datasets.phantom import make_phantom_3d
-    from medsight.tasks.fewshot import FewShotPredictor
+    from medsight.tasks.fewshot_predict import FewShotPredictor
 
-    predictor = FewShotPredictor(trained[0]["checkpoint"])
+    predictor = FewShotPredictor(trained[0]["best"])
     support_image, support_label, _ = make_phantom_3d(60)
     support = [(support_image, support_label.with_array((support_label.array == 1).astype(np.uint8)))]
     prepared = predictor.prepare(support, chunks=2)
@@ -278,9 +359,9 @@ def test_neighbouring_chunks_join_as_extra_shots(trained):
     import dataclasses
 
     from medsight.datasets.phantom import make_phantom_3d
-    from medsight.tasks.fewshot import FewShotPredictor
+    from medsight.tasks.fewshot_predict import FewShotPredictor
 
-    predictor = FewShotPredictor(trained[0]["checkpoint"])
+    predictor = FewShotPredictor(trained[0]["best"])
     support_image, support_label, _ = make_phantom_3d(60)
     prepared = predictor.prepare(
         [(support_image, support_label.with_array((support_label.array == 1).astype(np.uint8)))], chunks=4
@@ -305,9 +386,9 @@ def test_neighbouring_chunks_join_as_extra_shots(trained):
 
 def test_propagation_keeps_annotations_and_geometry(trained):
     from medsight.datasets.phantom import make_phantom_3d
-    from medsight.tasks.fewshot import FewShotPredictor
+    from medsight.tasks.fewshot_predict import FewShotPredictor
 
-    predictor = FewShotPredictor(trained[0]["checkpoint"])
+    predictor = FewShotPredictor(trained[0]["best"])
     image, label, _ = make_phantom_3d(7)
     cyst = label.array[0] == 1
     middle = int(np.flatnonzero(cyst.any(axis=(0, 1))).mean())
@@ -322,9 +403,9 @@ def test_propagation_keeps_annotations_and_geometry(trained):
 
 # -- bad input ----------------------------------------------------------------------------------
 def test_bad_inputs_name_the_file(trained):
-    from medsight.tasks.fewshot import FewShotPredictor
+    from medsight.tasks.fewshot_predict import FewShotPredictor
 
-    predictor = FewShotPredictor(trained[0]["checkpoint"])
+    predictor = FewShotPredictor(trained[0]["best"])
     rng = np.random.default_rng(0)
     image = Scan(rng.random((1, 20, 20, 6)).astype(np.float32), path="sup.nii.gz")
     query = Scan(rng.random((1, 20, 20, 6)).astype(np.float32), path="query.nii.gz")
@@ -349,7 +430,7 @@ def test_cli_fewshot_end_to_end(trained, tmp_path):
     from medsight import io
     from medsight.cli.main import app
     from medsight.datasets.phantom import make_phantom_3d
-    from medsight.tasks.fewshot import FewShotPredictor
+    from medsight.tasks.fewshot_predict import FewShotPredictor
 
     summary, _ = trained
     support, support_label, _ = make_phantom_3d(20)
@@ -360,7 +441,7 @@ def test_cli_fewshot_end_to_end(trained, tmp_path):
     )
     io.write(query, tmp_path / "q.nii.gz")
     out = tmp_path / "out"
-    args = ["fewshot", "--model", summary["checkpoint"], "--support", str(tmp_path / "s.nii.gz")]
+    args = ["fewshot", "--model", summary["best"], "--support", str(tmp_path / "s.nii.gz")]
     args += [str(tmp_path / "s_mask.nii.gz"), str(tmp_path / "q.nii.gz"), "-o", str(out)]
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 0, run.output
@@ -380,9 +461,7 @@ def test_cli_fewshot_end_to_end(trained, tmp_path):
     plain = CliRunner().invoke(app, [*args, "--neighbours", "0", "--overwrite"])
     assert plain.exit_code == 0, plain.output
     pair = (io.read(tmp_path / "s.nii.gz"), io.read(tmp_path / "s_mask.nii.gz"))
-    expected = FewShotPredictor(summary["checkpoint"]).segment(
-        [pair], io.read(tmp_path / "q.nii.gz"), neighbours=0
-    )
+    expected = FewShotPredictor(summary["best"]).segment([pair], io.read(tmp_path / "q.nii.gz"), neighbours=0)
     assert np.array_equal(io.read(out / "q.nii.gz").array, expected.array)
     assert CliRunner().invoke(app, [*args, "--neighbours", "-1", "--overwrite"]).exit_code == 2
 
@@ -391,7 +470,7 @@ def test_cli_fewshot_end_to_end(trained, tmp_path):
     partial[..., middle] = support_label.array[..., middle] > 0
     io.write(support_label.with_array(partial), tmp_path / "partial.nii.gz")
     run = CliRunner().invoke(
-        app, ["fewshot", "-m", summary["checkpoint"], "--support", str(tmp_path / "s.nii.gz"),
+        app, ["fewshot", "-m", summary["best"], "--support", str(tmp_path / "s.nii.gz"),
               str(tmp_path / "partial.nii.gz"), "--propagate", "--largest-component", "-o", str(tmp_path / "prop")],
     )  # fmt: skip
     assert run.exit_code == 0, run.output
@@ -414,7 +493,7 @@ def test_cli_fewshot_2d_and_bad_input(trained, tmp_path):
     io.write(image, tmp_path / "img.png")
     io.write(label.with_array((label.array > 0).astype(np.uint8) * 255), tmp_path / "mask.png")
     io.write(label.with_array(np.zeros_like(label.array)), tmp_path / "empty.png")
-    model = summary["checkpoint"]
+    model = summary["best"]
     run = CliRunner().invoke(app, ["fewshot", "-m", model, "--support", str(tmp_path / "img.png"),
                                    str(tmp_path / "mask.png"), str(tmp_path / "img.png"), "-o", str(tmp_path / "o")])  # fmt: skip
     assert run.exit_code == 0, run.output
@@ -431,9 +510,9 @@ def test_cli_fewshot_2d_and_bad_input(trained, tmp_path):
 
 
 def test_k_shot_volumes_of_different_shapes(trained):
-    from medsight.tasks.fewshot import FewShotPredictor
+    from medsight.tasks.fewshot_predict import FewShotPredictor
 
-    predictor = FewShotPredictor(trained[0]["checkpoint"])
+    predictor = FewShotPredictor(trained[0]["best"])
     rng = np.random.default_rng(1)
     support = []
     for shape in ((20, 20, 6), (24, 18, 9)):
@@ -447,25 +526,28 @@ def test_k_shot_volumes_of_different_shapes(trained):
 
 def test_shared_encoder_trains_every_head(tmp_path, trained):
     from medsight.datasets.phantom import make_phantom_3d, write_phantom_dataset
-    from medsight.models.fewshot import HEADS
-    from medsight.tasks.fewshot import FewShotConfig, FewShotPredictor, shared_heads, train_fewshot
+    from medsight.models.fewshot import HEADS, shared_heads
+    from medsight.tasks.fewshot import FewShotConfig, train
+    from medsight.tasks.fewshot_predict import FewShotPredictor
 
     write_phantom_dataset(tmp_path / "data", 2, seed=0)
     cfg = FewShotConfig(
         data=str(tmp_path / "data"),
         out=str(tmp_path / "run"),
         method="fewshot-shared",
-        max_steps=3,
+        epochs=1,
+        steps_per_epoch=3,
+        val_episodes=4,
         progress=False,
     )
-    summary = train_fewshot(cfg)
+    summary = train(cfg)
     assert summary["heads"] == list(HEADS)
     torch.manual_seed(cfg.seed)  # the initial weights, built as training builds them
     initial = shared_heads(HEADS, {"in_channels": 1})
     image, label, _ = make_phantom_3d(5)
     support = [(image, label.with_array((label.array == 1).astype(np.uint8)))]
     for head in HEADS:
-        predictor = FewShotPredictor(summary["checkpoint"], head=head)
+        predictor = FewShotPredictor(summary["best"], head=head)
         assert predictor.head == head
         changed = {
             name.split(".")[0]
@@ -475,8 +557,8 @@ def test_shared_encoder_trains_every_head(tmp_path, trained):
         # every head's own part was trained, and so was the encoder they share
         assert "encoder" in changed and changed - {"encoder"}, (head, changed)
         assert predictor.segment(support, image).array.shape == label.array.shape
-    assert FewShotPredictor(summary["checkpoint"]).head == "local-prototype"
+    assert FewShotPredictor(summary["best"]).head == "local-prototype"
     with pytest.raises(MedsightError, match="has no 'unet' head"):
-        FewShotPredictor(summary["checkpoint"], head="unet")
+        FewShotPredictor(summary["best"], head="unet")
     with pytest.raises(MedsightError, match="holds the 'local-prototype' head only"):
-        FewShotPredictor(trained[0]["checkpoint"], head="conditional")
+        FewShotPredictor(trained[0]["best"], head="conditional")

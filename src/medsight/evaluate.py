@@ -31,6 +31,8 @@ Image quality (``kind="image"``): ``psnr`` (dB) and ``ssim`` from scikit-image. 
 the reference's max - min unless given. SSIM uses the settings of Wang et al. 2004 (Gaussian window,
 sigma 1.5, population covariance), so images need at least 11 pixels along every axis. PSNR of two
 identical images is +inf: it is counted in ``n_inf``, left out of the mean and written as ``null``.
+With a folder of foreground masks (``mask_dir``, paired by case id like the references), also
+``psnr_fg``/``ssim_fg`` inside the mask (:func:`masked_image_metrics`, the same data range).
 """
 
 from __future__ import annotations
@@ -46,10 +48,12 @@ from typing import Any
 import numpy as np
 
 from medsight.errors import MedsightError
+from medsight.scan import align_to
 
 SEG_METRICS = ("dice", "iou", "hd95_mm", "assd_mm", "nsd")
 COUNT_COLUMNS = ("ref_voxels", "pred_voxels", "overlap_voxels")
 IMAGE_METRICS = ("psnr", "ssim")
+MASKED_IMAGE_METRICS = ("psnr_fg", "ssim_fg")
 SSIM_SIGMA = 1.5
 
 
@@ -222,7 +226,7 @@ def masked_image_metrics(
 # -- folders ----------------------------------------------------------------------------------
 def _case_files(folder: Path) -> dict[str, Path]:
     """Case id -> file (or DICOM folder) for every readable entry of ``folder``."""
-    from medsight.io import FORMATS, suffix_of
+    from medsight.io import FORMATS, case_name, suffix_of
 
     if not folder.is_dir():
         raise MedsightError("not a folder", folder)
@@ -236,7 +240,7 @@ def _case_files(folder: Path) -> dict[str, Path]:
                 continue
             case = entry.name
         elif suffix_of(entry) in known:
-            case = entry.name[: -len(suffix_of(entry))]
+            case = case_name(entry)
         else:
             continue
         if case in cases:
@@ -277,16 +281,6 @@ def _spatial_labels(scan, path: Path) -> np.ndarray:
     return arr
 
 
-def _geometry_problem(pred, ref) -> str:
-    if pred.spatial_shape != ref.spatial_shape:
-        return f"shape {list(pred.spatial_shape)} differs from the reference's {list(ref.spatial_shape)}"
-    return (
-        f"geometry differs from the reference's (spacing {[round(s, 4) for s in pred.spacing]} vs "
-        f"{[round(s, 4) for s in ref.spacing]}, origin {np.round(pred.origin, 3).tolist()} vs "
-        f"{np.round(ref.origin, 3).tolist()}); resample it onto the reference first"
-    )
-
-
 @dataclass
 class EvaluationResult:
     """Per-case rows and their summary.
@@ -306,7 +300,10 @@ class EvaluationResult:
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        return SEG_METRICS if self.kind == "seg" else IMAGE_METRICS
+        if self.kind == "seg":
+            return SEG_METRICS
+        masked = all(m in self.cases.columns for m in MASKED_IMAGE_METRICS)
+        return IMAGE_METRICS + (MASKED_IMAGE_METRICS if masked else ())
 
     @property
     def summary(self):
@@ -401,12 +398,20 @@ class EvaluationResult:
         return paths
 
 
-def _image_case_metrics(pred, ref, pred_path: Path) -> dict[str, float]:
+def _image_case_metrics(pred, ref, pred_path: Path, mask=None) -> dict[str, float]:
     channel_axis = 0 if ref.channels > 1 else None
     p = pred.array if channel_axis == 0 else pred.array[0]
     r = ref.array if channel_axis == 0 else ref.array[0]
     try:
-        return image_metrics(p, r, channel_axis=channel_axis)
+        out = image_metrics(p, r, channel_axis=channel_axis)
+        if mask is not None:
+            if mask.spatial_shape != ref.spatial_shape:
+                raise ValueError(
+                    f"mask shape {list(mask.spatial_shape)} differs from {list(ref.spatial_shape)}"
+                )
+            data_range = float(np.max(r) - np.min(r))
+            out |= masked_image_metrics(p, r, mask.array[0] > 0, data_range, channel_axis=channel_axis)
+        return out
     except ValueError as err:
         raise MedsightError(str(err), pred_path) from err
 
@@ -418,6 +423,7 @@ def evaluate_folders(
     tolerance_mm: float = 1.0,
     progress: bool = True,
     kind: str = "seg",
+    mask_dir: str | Path | None = None,
 ) -> EvaluationResult:
     """Evaluate every reference case against the prediction with the same case id.
 
@@ -434,8 +440,14 @@ def evaluate_folders(
 
     if kind not in ("seg", "image"):
         raise MedsightError(f"kind must be 'seg' or 'image', got '{kind}'")
+    if mask_dir is not None and kind != "image":
+        raise MedsightError("foreground masks (--mask) go with --kind image")
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     preds, refs = _case_files(pred_dir), _case_files(ref_dir)
+    masks = _case_files(Path(mask_dir)) if mask_dir is not None else {}
+    no_mask = [c for c in refs if mask_dir is not None and c not in masks]
+    if no_mask:
+        raise MedsightError(f"no foreground mask for case(s): {', '.join(no_mask[:10])}", mask_dir)
     missing = [c for c in refs if c not in preds]
     if missing:
         shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
@@ -462,13 +474,13 @@ def evaluate_folders(
     for case, ref_path in tqdm(refs.items(), desc="evaluate", disable=not progress, unit="case"):
         pred_path = preds[case]
         ref, pred = io.read(ref_path), io.read(pred_path)
-        if not pred.same_geometry(ref):
-            raise MedsightError(_geometry_problem(pred, ref), pred_path)
+        pred = align_to(pred, ref, "prediction", "reference", cover=True)
         files[case] = {"pred": pred_path, "ref": ref_path}
         if kind == "image":
             if pred.channels != ref.channels:
                 raise MedsightError(f"{pred.channels} channels, the reference has {ref.channels}", pred_path)
-            rows.append({"case": case, "label": "image", **_image_case_metrics(pred, ref, pred_path)})
+            mask = io.read(masks[case]) if case in masks else None
+            rows.append({"case": case, "label": "image", **_image_case_metrics(pred, ref, pred_path, mask)})
             continue
         per_label = segmentation_metrics(
             _spatial_labels(pred, pred_path),
@@ -481,7 +493,9 @@ def evaluate_folders(
             rows.append({"case": case, "label": name, "label_value": value, **per_label[name]})
 
     columns = ["case", "label"] + (
-        ["label_value", *SEG_METRICS, *COUNT_COLUMNS] if kind == "seg" else list(IMAGE_METRICS)
+        ["label_value", *SEG_METRICS, *COUNT_COLUMNS]
+        if kind == "seg"
+        else list(IMAGE_METRICS) + (list(MASKED_IMAGE_METRICS) if masks else [])
     )
     return EvaluationResult(
         cases=pd.DataFrame(rows, columns=columns),

@@ -10,7 +10,21 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
-__all__ = ["WeightedCEDiceLoss", "inverse_frequency_weights"]
+__all__ = ["WeightedCEDiceLoss", "inverse_frequency_weights", "require_finite_loss"]
+
+
+def require_finite_loss(loss: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+    """Stop training on a NaN or infinite loss: every later weight would be NaN, and a checkpoint
+    saved from them would segment nothing. Raised before the step, so no checkpoint comes from it."""
+    if not torch.isfinite(loss.detach()).all():
+        from medsight.errors import MedsightError
+
+        raise MedsightError(
+            f"training stopped: the loss became {float(loss.detach())} at epoch {epoch + 1}, step "
+            f"{step + 1}; no checkpoint was written from it (lower --lr, or check the data with "
+            "`medsight data inspect`)"
+        )
+    return loss
 
 
 def inverse_frequency_weights(target: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -7,11 +7,14 @@ scan keeps this affine, so results land where the input was.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from medsight.errors import MedsightError
 
 
 @dataclass(frozen=True)
@@ -151,3 +154,125 @@ class Scan:
             "std": float(vals.std()) if vals.size else None,
             "non_finite_voxels": int((~finite).sum()),
         }
+
+
+# -- non-finite voxels ------------------------------------------------------------------------------
+def non_finite_count(scan: Scan) -> int:
+    """NaN and ±inf voxels (0 for integer scans, which cannot hold them)."""
+    if not np.issubdtype(scan.array.dtype, np.floating):
+        return 0
+    return int(scan.array.size - np.count_nonzero(np.isfinite(scan.array)))
+
+
+def require_finite(scan: Scan, case: str | None = None) -> Scan:
+    """Training refuses a non-finite voxel: one NaN spreads through the normalisation and the loss."""
+    count = non_finite_count(scan)
+    if count:
+        who = f"case '{case}': " if case else ""
+        raise MedsightError(
+            f"{who}{count} non-finite voxels (NaN or inf) in the image; training needs finite values, "
+            "so replace them in the file first",
+            scan.path,
+        )
+    return scan
+
+
+def fill_non_finite(scan: Scan) -> Scan:
+    """For segmenting: non-finite voxels take their channel's lowest finite value, with a warning.
+
+    NaN in a scan usually marks voxels outside the field of view (resampling, defacing, masking),
+    which is background. The channel's minimum (air in CT and MR) is the value such voxels would
+    have had; 0 is not neutral (water in CT) and would be segmented as tissue. Left as NaN, they
+    turn the whole normalised scan NaN and the mask all background.
+    """
+    count = non_finite_count(scan)
+    if not count:
+        return scan
+    array = scan.array.copy()
+    for channel in array:
+        finite = np.isfinite(channel)
+        if not finite.any():
+            raise MedsightError("has no finite voxel (all NaN or inf); nothing to segment", scan.path)
+        channel[~finite] = channel[finite].min()
+    warnings.warn(
+        f"{scan.path or 'scan'}: {count} non-finite voxels (NaN or inf) were replaced by the image's "
+        "lowest finite value before segmenting",
+        UserWarning,
+        stacklevel=2,
+    )
+    return replace(scan, array=array)
+
+
+# -- pairing two scans: a label (mask, prediction) on its image's grid ---------------------------------------
+def _has_geometry(scan: Scan) -> bool:
+    """Pictures and bare .npy arrays carry no patient geometry, only an identity placeholder."""
+    return scan.meta.get("format") != "image" and not (
+        scan.meta.get("format") == "numpy" and np.allclose(scan.affine, np.eye(4))
+    )
+
+
+def _label_voxel_box(label: Scan, image: Scan, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bounding box, in the label's voxel indices, of the image grid's voxel centres."""
+    nd = image.ndim
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in image.spatial_shape], indexing="ij"))
+    corners = corners.reshape(nd, -1).T
+    mapped = corners @ matrix[:nd, :nd].T + matrix[:nd, 3]
+    return mapped.min(0), mapped.max(0)
+
+
+def align_to(label: Scan, image: Scan, what: str = "label", of: str = "image", cover: bool = False) -> Scan:
+    """``label`` on ``image``'s voxel grid: the one rule for every command that pairs two scans.
+
+    Unchanged when both grids match (affines within 1e-3 mm); resampled with nearest neighbour
+    when they differ but overlap in space (a LAS label on an LPS-read CT, a cropped label); refused
+    when they do not overlap, or with ``cover`` when the label leaves part of the image uncovered
+    (evaluation must not count unlabelled voxels as background). Voxels outside the label are 0.
+    """
+    if label.ndim != image.ndim:
+        raise MedsightError(f"{what} is {label.ndim}D but the {of} is {image.ndim}D", label.path)
+    if label.same_geometry(image):
+        return label
+    shapes = f"{what} shape {list(label.spatial_shape)} differs from {of} shape {list(image.spatial_shape)}"
+    if not (_has_geometry(label) and _has_geometry(image)):
+        if label.spatial_shape == image.spatial_shape:
+            return replace(label, affine=image.affine.copy())  # no geometry to compare: same grid
+        raise MedsightError(shapes, label.path)
+    if np.allclose(label.affine, image.affine, atol=1e-3):  # a crop or resampling changes the affine
+        raise MedsightError(
+            f"{shapes} although their affines are the same; is it the right file?", label.path
+        )
+    nd = image.ndim
+    matrix = np.linalg.inv(label.affine) @ image.affine  # image voxel -> label voxel
+    low, high = _label_voxel_box(label, image, matrix)
+    size = np.asarray(label.spatial_shape, float)
+    if np.any(high < -0.5) or np.any(low > size - 0.5):
+        raise MedsightError(
+            f"{what} does not overlap the {of} in space: its geometry differs (origin "
+            f"{np.round(label.origin, 2).tolist()} vs {np.round(image.origin, 2).tolist()}, spacing "
+            f"{[round(s, 3) for s in label.spacing]} vs {[round(s, 3) for s in image.spacing]}, orientation "
+            f"{label.orientation} vs {image.orientation}); was it made for another scan?",
+            label.path,
+        )
+    if cover and (np.any(low < -0.5) or np.any(high > size - 0.5)):
+        differs = (
+            shapes
+            if label.spatial_shape != image.spatial_shape
+            else f"{what} geometry differs from the {of}'s (spacing {[round(s, 3) for s in label.spacing]} vs "
+            f"{[round(s, 3) for s in image.spacing]}, origin {np.round(label.origin, 2).tolist()} vs "
+            f"{np.round(image.origin, 2).tolist()})"
+        )
+        raise MedsightError(
+            f"{differs} and covers only part of it in space; resample it onto the {of} first", label.path
+        )
+    from scipy.ndimage import affine_transform
+
+    source = label.array.astype(np.uint8) if label.array.dtype == bool else label.array
+    channels = [
+        affine_transform(
+            channel, matrix[:nd, :nd], offset=matrix[:nd, 3], output_shape=image.spatial_shape,
+            order=0, mode="constant", cval=0, output=channel.dtype,
+        )
+        for channel in source
+    ]  # fmt: skip
+    array = np.stack(channels).astype(label.array.dtype, copy=False)
+    return replace(label, array=array, affine=image.affine.copy(), meta={**label.meta, "resampled_to": of})

@@ -162,10 +162,9 @@ class TextEncoder:
 
 # -- sheets --------------------------------------------------------------------------------------
 def _stem(name: str) -> str:
-    from medsight.io import suffix_of
+    from medsight.io import case_name
 
-    suffix = suffix_of(Path(name))
-    return name[: -len(suffix)] if suffix else name
+    return case_name(name)
 
 
 def read_text_file(path: str | Path) -> dict[str, str | None]:

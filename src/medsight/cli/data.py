@@ -28,6 +28,11 @@ def inspect(
         None, help="Case folders: channel file names without suffix, comma-separated (e.g. flair,t1c)."
     ),
     label_name: str = typer.Option(None, help="Case folders: label file name without suffix (e.g. seg)."),
+    series: str = typer.Option(
+        None,
+        help="DICOM studies: the channels by SeriesDescription, comma-separated, '|' between names of one "
+        "channel (e.g. FLAIR,T1|T1pre,T1c|T1post|dT1,T2).",
+    ),
     max_cases: int = typer.Option(
         None, min=1, help="Read only the first N cases (counts still cover all cases)."
     ),
@@ -43,6 +48,8 @@ def inspect(
         options["image_names"] = [n.strip() for n in image_names.split(",") if n.strip()]
     if label_name:
         options["label_name"] = label_name
+    if series:
+        options["series"] = series
     dataset = open_dataset(path, layout=layout, **options)
     facts = fingerprint(dataset, max_cases=max_cases, progress=progress and not as_json)
     if as_json:

@@ -43,6 +43,11 @@ def evaluate(
     ),
     tolerance: float = typer.Option(1.0, "--tolerance", help="Normalised surface Dice tolerance, in mm."),
     kind: Kind = typer.Option(Kind.seg, "--kind", help="seg: Dice, IoU, HD95, ASSD, NSD; image: PSNR, SSIM."),
+    mask: Path = typer.Option(
+        None,
+        "--mask",
+        help="With --kind image: folder of foreground masks (paired by case id) for PSNR/SSIM inside them too.",
+    ),
     report: bool = typer.Option(True, "--report/--no-report", help="Also write report.html with overlays."),
     overwrite: bool = typer.Option(False, help="Replace existing output files."),
 ) -> None:
@@ -73,7 +78,9 @@ def evaluate(
     err = Console(stderr=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        result = evaluate_folders(pred, ref, tolerance_mm=tolerance, kind=kind.value, progress=True)
+        result = evaluate_folders(
+            pred, ref, tolerance_mm=tolerance, kind=kind.value, progress=True, mask_dir=mask
+        )
     for warning in caught:
         if issubclass(warning.category, UserWarning):
             err.print(f"[yellow]warning:[/] {warning.message}", highlight=False)
@@ -124,18 +131,13 @@ def overlay(
     """Draw the image with the reference (green) and prediction (red) contours: one panel for a 2D
     image, axial/coronal/sagittal views through the label's centre for a volume."""
     from medsight import io
-    from medsight.errors import MedsightError
     from medsight.report.overlay import check_png_name, overlay_png
+    from medsight.scan import align_to
 
     io.check_writable(check_png_name(out), overwrite)
     scan = io.read(image)
-    label_scan = io.read(label) if label else None
-    pred_scan = io.read(pred) if pred else None
-    for other in (label_scan, pred_scan):
-        if other is not None and other.spatial_shape != scan.spatial_shape:
-            raise MedsightError(
-                f"shape {list(other.spatial_shape)} differs from the image's {list(scan.spatial_shape)}",
-                other.path,
-            )
+    # a label in another orientation (LAS on an LPS-read CT) or crop is drawn where it lies
+    label_scan = align_to(io.read(label), scan, "label") if label else None
+    pred_scan = align_to(io.read(pred), scan, "prediction") if pred else None
     overlay_png(scan, out, label_scan, pred_scan, slice_index=slice_index, title=title, overwrite=overwrite)
     typer.echo(f"wrote {out}")

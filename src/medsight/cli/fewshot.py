@@ -45,11 +45,9 @@ def split_support(tokens: list[str]) -> tuple[list[tuple[Path, Path]], list[Path
 
 
 def output_name(path: Path, ndim: int) -> str:
-    from medsight.io import suffix_of
+    from medsight.io import case_name
 
-    suffix = suffix_of(path) if path.is_file() else ""
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    return stem + (".png" if ndim == 2 else ".nii.gz")
+    return (case_name(path) if path.is_file() else path.name) + (".png" if ndim == 2 else ".nii.gz")
 
 
 def fewshot(
@@ -60,7 +58,9 @@ def fewshot(
         help="Support pairs (image and its mask of the structure; repeat for k-shot) and the scans to segment.",
         show_default=False,
     ),
-    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint written by few-shot training."),
+    model: Path = typer.Option(
+        ..., "--model", "-m", help="Checkpoint written by few-shot training (best.pt or last.pt)."
+    ),
     out: Path = typer.Option(
         ..., "-o", "--out", help="Output folder: <query-name>.nii.gz (.png for 2D) masks."
     ),
@@ -143,8 +143,9 @@ def _run(
 
     from medsight import io
     from medsight.cli.outputs import output_paths
-    from medsight.tasks.fewshot import FewShotPredictor
+    from medsight.tasks.fewshot_predict import FewShotPredictor
 
+    io.check_folder_writable(out)  # before loading the model and reading the scans
     predictor = FewShotPredictor(model, head=head)
     support = [(io.read(image), io.read(mask)) for image, mask in pairs]
     jobs = [(image.path, image, mask) for image, mask in support] if propagate else []

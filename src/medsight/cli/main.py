@@ -31,9 +31,16 @@ app = typer.Typer(
 
 def _register_all() -> None:
     from medsight.cli import data, evaluate, fewshot, phantom, scans, segment, textseg
+    from medsight.tasks.registry import TASKS
 
+    done = set()
     for module in (scans, data, evaluate, phantom, segment, fewshot, textseg):
         module.register(app)
+        done.add(f"{module.__name__}:register")
+    for task in TASKS.values():  # tasks registered elsewhere bring their commands with them
+        if task.cli_register and task.cli_register not in done:
+            done.add(task.cli_register)
+            task.resolve("cli_register")(app)
 
 
 _register_all()

@@ -27,21 +27,28 @@ def train(
     method: str = typer.Option(
         "context25d",
         "--method",
-        help="unet2d, context25d, unet3d; or fewshot-prototype, fewshot-local-prototype, "
+        help="unet2d, context25d, unet3d (2D images: unet2d); or fewshot-prototype, fewshot-local-prototype, "
         "fewshot-conditional, fewshot-shared (the three heads on one encoder; self-supervised: labels are "
-        "ignored, see `medsight fewshot`).",
+        "ignored, validated on superpixel episodes of held-out images; see `medsight fewshot`).",
     ),
     out: Path = typer.Option(
         Path("runs/train"), "-o", "--out", help="Run folder: checkpoints, metrics.csv, curve."
     ),
     epochs: int = typer.Option(20, min=1),
     steps_per_epoch: int = typer.Option(50, min=1, help="Optimiser steps per epoch."),
-    batch_size: int = typer.Option(None, min=1, help="Samples per step (default: planned from the data)."),
+    batch_size: int = typer.Option(
+        None, min=1, help="Samples per step (default: planned from the data; few-shot: 8 episodes)."
+    ),
     patch_size: str = typer.Option(
         None, help="Patch (3D: X,Y,Z) or slice window (2D/2.5D: H,W), e.g. 64,64 (default: planned)."
     ),
     memory_budget: float = typer.Option(512.0, help="MB of activations per batch the plan aims at."),
-    lr: float = typer.Option(2e-3),
+    spacing: str = typer.Option(
+        None,
+        help="Target spacing of the axes the network sees (3D: X,Y,Z; 2D/2.5D: the two in-plane axes), "
+        "instead of the training set's median; pictures have 1 per pixel, so 2,2 halves their resolution.",
+    ),
+    lr: float = typer.Option(None, help="Learning rate (AdamW, poly decay; default: 0.002, few-shot 0.001)."),
     slices: int = typer.Option(5, help="Slices per stack for context25d (odd)."),
     slice_axis: int = typer.Option(
         None,
@@ -50,7 +57,11 @@ def train(
         help="Voxel axis that 2D/2.5D methods slide along. Default: the coarsest axis, or for "
         "isotropic scans the one along which the labels extend furthest.",
     ),
-    val_fraction: float = typer.Option(0.2, help="Share of cases held out when the layout has no split."),
+    val_fraction: float = typer.Option(
+        None,
+        help="Share of cases held out for validation when the layout has no split (default: 0.2; few-shot "
+        "0.1, whose validation episodes come from these images).",
+    ),
     seed: int = typer.Option(0, help="Seeds the split, the weights and the sampling: same seed, same run."),
     split_seed: int = typer.Option(None, help="Seed of the train/validation split only (default: --seed)."),
     patience: int = typer.Option(10, help="Stop after this many epochs without a better validation Dice."),
@@ -68,7 +79,8 @@ def train(
         "",
         help="Comma-separated voxel axes along which mirror images are plausible and keep their label "
         "names, e.g. 0 for left-right on a bilateral organ without left/right labels. Training mirrors "
-        "along them; `predict --tta` averages over them. Off by default.",
+        "along them; `predict --tta` averages over them. On 2D images 0,1 also transposes: all eight "
+        "rotations and mirror images (nuclei, cells). Off by default.",
     ),
     ema_decay: float = typer.Option(
         0.999,
@@ -81,50 +93,61 @@ def train(
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
 ) -> None:
-    """Train a segmentation model; under torchrun it trains on every process (DDP)."""
+    """Train a model with the method's task (segmentation, few-shot); under torchrun it trains on
+    every process (DDP)."""
     import_monai()
-    if method.startswith("fewshot-"):
-        from medsight.tasks.fewshot import FewShotConfig, train_fewshot
-
-        summary = train_fewshot(
-            FewShotConfig(
-                data=str(data), out=str(out), method=method, layout=layout, seed=seed,
-                time_limit_minutes=time_limit, max_steps=epochs * steps_per_epoch, overwrite=overwrite,
-            )
-        )  # fmt: skip
-        typer.echo(
-            f"self-supervised {method}: {summary['steps']} steps, {summary['episodes']} episodes  ->  "
-            f"{summary['checkpoint']}"
-        )
-        return
+    from medsight.engine.loop import fit
     from medsight.engine.tta import parse_axes
     from medsight.errors import MedsightError
-    from medsight.tasks.segmentation import SegmentationConfig
-    from medsight.tasks.segmentation import train as run
+    from medsight.tasks.registry import task_for_method
 
+    options = dict(locals())  # every option is a config field of the same name
+    task_class = task_for_method(method)
     try:
-        axes = parse_axes(mirror_axes)
+        options["mirror_axes"] = parse_axes(mirror_axes)
     except ValueError as error:
         raise MedsightError(f"--mirror-axes: {error}") from None
     try:
-        patch = parse_axes(patch_size) if patch_size else None
+        options["patch_size"] = parse_axes(patch_size) if patch_size else None
     except ValueError as error:
         raise MedsightError(f"--patch-size: {error}") from None
-    options = dict(locals())  # every option is a config field of the same name
-    keep = {f for f in SegmentationConfig.__dataclass_fields__} - {"layout_options", "model_kwargs"}
-    settings = {k: v for k, v in options.items() if k in keep}
-    settings.update(data=str(data), out=str(out), mirror_axes=axes, patch_size=patch)
-    summary = run(SegmentationConfig(**settings))
+    try:
+        options["spacing"] = [float(v) for v in spacing.split(",")] if spacing else None
+    except ValueError:
+        raise MedsightError(f"--spacing needs numbers like 2,2, not {spacing!r}") from None
+    options.update(data=str(data), out=str(out))
+    config = _config(task_class.config_class, options, method)
+    summary = fit(task_class(config), config)
     if summary["rank"] == 0:
-        typer.echo(f"best validation mean Dice {summary['best_val_mean_dice']:.4f}  ->  {summary['best']}")
+        typer.echo(f"best {task_class.score_name} {summary['best_val_score']:.4f}  ->  {summary['best']}")
+
+
+def _config(config_class, options: dict, method: str):
+    """The method's config from the command's options: unset ones (None) take the config's default;
+    an option the method does not have is refused unless it is left at its default."""
+    import dataclasses
+    import inspect
+
+    from medsight.errors import MedsightError
+
+    fields = {f.name for f in dataclasses.fields(config_class)} - {"layout_options", "model_kwargs"}
+    defaults = {n: p.default.default for n, p in inspect.signature(train).parameters.items()}
+    given = {n: v for n, v in options.items() if n in defaults}
+    unused = [n for n, v in given.items() if n not in fields and v not in (defaults[n], None, [])]
+    if unused:
+        names = ", ".join("--" + n.replace("_", "-") for n in unused)
+        raise MedsightError(f"{names}: not an option of --method {method}")
+    return config_class(**{n: v for n, v in given.items() if n in fields and v is not None})
 
 
 def predict(
     inputs: list[Path] = typer.Argument(
-        ..., help="Scans (NIfTI, DICOM folders...) or folders of NIfTI scans."
+        ..., help="Scans (NIfTI, DICOM folders, PNG/TIFF pictures...) or folders of them."
     ),
     model: Path = typer.Option(..., "--model", "-m", help="Checkpoint written by `medsight train`."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output folder for <case>.nii.gz masks."),
+    out: Path = typer.Option(
+        ..., "-o", "--out", help="Output folder for <case>.nii.gz masks (<case>.png for pictures)."
+    ),
     largest_component: bool = typer.Option(
         False, help="Keep only the largest connected component per class."
     ),
@@ -136,15 +159,28 @@ def predict(
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", help="auto (mixed on CUDA, 32 on CPU), 32, 16-mixed, bf16-mixed."),
     overwrite: bool = typer.Option(False),
+    skip_existing: bool = typer.Option(
+        False,
+        "--skip-existing",
+        help="Leave scans whose mask already exists in OUT (continue an interrupted batch with the same "
+        "model).",
+    ),
 ) -> None:
-    """Segment scans; each mask is written with its input's affine and the training label values."""
-    from tqdm import tqdm
+    """Segment scans; each mask is written with its input's affine and the training label values.
 
+    A picture (PNG, TIFF, JPEG, BMP, GIF) gets a PNG mask of its own size.
+
+    OUT is locked while predicting and gets medsight-provenance.json (model, checkpoint hash, version,
+    options); a folder holding another checkpoint's masks is refused unless --overwrite."""
     import_monai()
-    from medsight import io
-    from medsight.cli.outputs import output_paths
+    from medsight.cli.outputs import predict_outputs
     from medsight.engine.infer import Predictor
+    from medsight.errors import MedsightError
+    from medsight.io import check_folder_writable
 
+    if skip_existing and overwrite:
+        raise MedsightError("--skip-existing keeps existing masks and --overwrite replaces them; choose one")
+    check_folder_writable(out)  # before loading anything
     predictor = Predictor(
         model,
         backend="onnx" if onnx else "torch",
@@ -153,19 +189,19 @@ def predict(
         device=device,
         precision=precision,
     )
-    scans = _expand(inputs)
+    options = dict(largest_component=largest_component, probabilities=save_probabilities, onnx=onnx, tta=tta)
+    with predict_outputs(
+        _expand(inputs), out, model, overwrite, skip_existing, save_probabilities, options
+    ) as jobs:
+        _segment(predictor, jobs, largest_component, overwrite)
 
-    def case(path: Path) -> str:
-        return path.name.split(".")[0] if path.is_file() else path.name
 
-    targets = output_paths(scans, out, lambda p: f"{case(p)}.nii.gz", overwrite)
-    prob_targets = (
-        output_paths(scans, out, lambda p: f"{case(p)}_prob.nii.gz", overwrite)
-        if save_probabilities
-        else [None] * len(scans)
-    )
-    jobs = list(zip(scans, targets, prob_targets, strict=True))
-    for path, target, prob_target in tqdm(jobs, desc="segmenting", disable=len(scans) < 2):
+def _segment(predictor, jobs, largest_component: bool, overwrite: bool) -> None:
+    from tqdm import tqdm
+
+    from medsight import io
+
+    for path, target, prob_target in tqdm(jobs, desc="segmenting", disable=len(jobs) < 2):
         labels, probs = predictor.predict(io.read(path), largest_component=largest_component)
         io.write(labels, target, overwrite=overwrite)
         if prob_target is not None:
@@ -174,13 +210,17 @@ def predict(
 
 
 def _expand(inputs: list[Path]) -> list[Path]:
-    """A folder of volume files stands for its files; a folder with DICOM files is one series."""
-    from medsight.io import suffix_of
+    """A folder of volume files or pictures stands for its files; a folder with DICOM files is one
+    series."""
+    from medsight.io import FORMATS, suffix_of
 
+    files = (".nii", ".nii.gz", ".nrrd", *FORMATS["image"].suffixes)
     found = []
     for p in inputs:
         volumes = (
-            sorted(f for f in p.iterdir() if suffix_of(f) in (".nii", ".nii.gz", ".nrrd"))
+            sorted(
+                f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and suffix_of(f) in files
+            )
             if p.is_dir()
             else []
         )

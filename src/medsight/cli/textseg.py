@@ -174,10 +174,11 @@ def predict(
         table = read_text_file(text_sheet)
         require_rows(table, [p.name for p in paths], text_sheet)
         sentences = {p: lookup(table, p.name)[1] for p in paths}
+    io.check_folder_writable(out)  # before loading the model
     predictor = TextSegPredictor(model, text_cache=text_cache, tta=tta)
     if predictor.uses_text:
         warn_missing_text(sum(1 for s in sentences.values() if not s), len(paths), "the input")
-    names = output_paths(paths, out, lambda p: f"{p.name.rsplit('.', 1)[0]}.png", overwrite)
+    names = output_paths(paths, out, lambda p: f"{io.case_name(p)}.png", overwrite)
     targets = dict(zip(paths, names, strict=True))
     for path in tqdm(paths, desc="segmenting", disable=len(paths) < 2):
         mask = predictor.predict(io.read(path), sentences[path], stored_values=values == "stored")

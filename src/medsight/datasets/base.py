@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from medsight.errors import MedsightError
-from medsight.scan import Scan
+from medsight.scan import Scan, require_finite
 
 PICTURE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".gif")
 
@@ -98,7 +98,8 @@ class Dataset:
 
         if not case.images:
             raise MedsightError(f"case '{case.case_id}' lists no image", self.root)
-        scans = [io.read(path) for path in case.images]
+        # every reader of training images comes through here: a NaN voxel is refused before any step
+        scans = [require_finite(io.read(path), case.case_id) for path in case.images]
         first = scans[0]
         for path, scan in zip(case.images[1:], scans[1:], strict=True):
             if not first.same_geometry(scan):
@@ -146,15 +147,15 @@ class Dataset:
         return scan.with_array(arr)
 
     def load_case(self, case: Case) -> tuple[Scan, Scan | None]:
-        """(image, label) for ``case``; the label has ``label_mapping`` applied and must match the
-        image's spatial shape (an affine difference is reported by the fingerprint, not raised)."""
+        """(image, label) for ``case``; the label has ``label_mapping`` applied and is put on the
+        image's grid (:func:`medsight.scan.align_to`: a LAS label on an LPS image is resampled, a
+        label elsewhere in space or covering only part of the image is refused)."""
+        from medsight.scan import align_to
+
         image = self.read_image(case)
         label = self.read_label(case)
-        if label is not None and label.spatial_shape != image.spatial_shape:
-            raise MedsightError(
-                f"label shape {list(label.spatial_shape)} differs from image shape {list(image.spatial_shape)}",
-                case.label,
-            )
+        if label is not None:
+            label = align_to(label, image, "label", "image", cover=True)
         return image, label
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from medsight.datasets.base import Case, Dataset, dim_from_suffix
 from medsight.errors import MedsightError
-from medsight.io import suffix_of
+from medsight.io import case_name, suffix_of
 
 NNUNET_KEYS = ("channel_names", "file_ending")
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -47,8 +47,7 @@ def is_msd(root: Path) -> bool:
 
 
 def case_id_of(path: Path) -> str:
-    suffix = suffix_of(path)
-    return path.name[: -len(suffix)] if suffix else path.name
+    return case_name(path)
 
 
 def _ordered_names(mapping: dict[str, str] | None) -> list[str]:

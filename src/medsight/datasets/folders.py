@@ -27,7 +27,7 @@ from pathlib import Path
 
 from medsight.datasets.base import SPLIT_ALIASES, Case, Dataset, dim_from_suffix, normalise_split
 from medsight.errors import MedsightError
-from medsight.io import FORMATS, suffix_of
+from medsight.io import FORMATS, case_name, suffix_of
 
 # Files medsight.io can read; DICOM is excluded because a series is a folder, not one file per case.
 SCAN_SUFFIXES = tuple(s for f in FORMATS.values() if f.name != "dicom" for s in f.suffixes)
@@ -43,8 +43,7 @@ def is_lvit(root: Path) -> bool:
 
 
 def _stem(name: str) -> str:
-    suffix = suffix_of(Path(name))
-    return name[: -len(suffix)] if suffix else name
+    return case_name(name)
 
 
 def _scan_files(folder: Path) -> list[Path]:

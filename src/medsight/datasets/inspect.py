@@ -19,7 +19,7 @@ import numpy as np
 
 from medsight.datasets.base import Case, Dataset
 from medsight.errors import MedsightError
-from medsight.scan import Scan
+from medsight.scan import Scan, align_to
 
 MAX_UNIQUE_SHAPES = 10
 
@@ -192,14 +192,11 @@ class _Inspector:
 
     def label_checks(self, case: Case, label: Scan, image: Scan | None) -> None:
         if image is not None:
-            if label.spatial_shape != image.spatial_shape:
-                self.problem(
-                    case,
-                    case.label,
-                    f"image/label shape mismatch: label {list(label.spatial_shape)}, image {list(image.spatial_shape)}",
-                )
-            elif not np.allclose(label.affine, image.affine, atol=1e-3):
-                self.problem(case, case.label, "image/label geometry mismatch: the affines differ")
+            try:  # the rule training applies: resampled onto the image when they overlap, else refused
+                align_to(label, image, "label", "image", cover=True)
+            except MedsightError as err:
+                kind = "shape" if label.spatial_shape != image.spatial_shape else "geometry"
+                self.problem(case, case.label, f"image/label {kind} mismatch: {err.message}")
         values, counts = _value_counts(label.array)
         for value, count in zip(values.tolist(), counts.tolist(), strict=True):
             key = _number(value)

@@ -35,6 +35,16 @@ TISSUE_INTENSITY_3D: dict[str, float] = {
     "tumour": 300.0,
 }
 
+# Further MRI contrasts for multi-channel (BraTS-style) phantoms, after channel 0 (the T1c table above):
+# T1 (no enhancement: the vessel is not bright), T2 and FLAIR (fluid bright on T2, dark on FLAIR;
+# the tumour bright on both, as oedema is).
+EXTRA_CONTRASTS_3D: dict[str, dict[str, float]] = {
+    "T1": {**TISSUE_INTENSITY_3D, "vessel": 380.0, "tumour": 330.0},
+    "T2": {**TISSUE_INTENSITY_3D, "fat": 700.0, "parenchyma": 300.0, "cyst": 1100.0, "tumour": 800.0},
+    "FLAIR": {**TISSUE_INTENSITY_3D, "fat": 600.0, "parenchyma": 350.0, "cyst": 80.0, "tumour": 950.0},
+}
+CHANNEL_NAMES_3D = ("T1c", *EXTRA_CONTRASTS_3D)
+
 # Optical-density stain vectors (RGB) of haematoxylin and eosin (Ruifrok & Johnston 2001).
 _HAEMATOXYLIN = np.array([0.65, 0.70, 0.29])
 _EOSIN = np.array([0.07, 0.99, 0.11])
@@ -201,8 +211,13 @@ def make_phantom_3d(
     *,
     noise: float = 25.0,
     bias: float = 0.2,
+    channels: int = 1,
 ) -> tuple[Scan, Scan, str]:
     """An abdomen-like MRI phantom: ``(image, label, text)``.
+
+    ``channels`` (1..4) MRI contrasts of the same anatomy, in the order of :data:`CHANNEL_NAMES_3D`
+    (T1c, T1, T2, FLAIR, as BraTS stacks them), sharing the bias field, each with its own noise;
+    channel 0 is the same whatever ``channels`` is.
 
     ``n_structures`` (1..3) labels are used, in the order of :data:`LABELS_3D`; every one is present.
     ``noise`` is the Rician sigma in intensity units; ``bias`` the log-amplitude of the linear part of the
@@ -218,6 +233,8 @@ def make_phantom_3d(
         )
     if not 1 <= n_structures <= len(LABELS_3D):
         raise MedsightError(f"n_structures must be 1..{len(LABELS_3D)}, got {n_structures}")
+    if not 1 <= channels <= len(CHANNEL_NAMES_3D):
+        raise MedsightError(f"channels must be 1..{len(CHANNEL_NAMES_3D)}, got {channels}")
     rng = np.random.default_rng(seed)
     extent = np.asarray(shape) * spacing
     centre = extent / 2
@@ -265,16 +282,19 @@ def make_phantom_3d(
     # Tissue intensities with mild texture, then partial-volume blur, bias field and Rician noise.
     texture = _smooth_field(rng, shape, cycles=3)
     lesion_texture = _smooth_field(rng, shape, cycles=5)
-    t = TISSUE_INTENSITY_3D
-    tissue = np.zeros(shape, dtype=np.float64)
-    tissue[interior] = t["parenchyma"] * (1 + 0.04 * texture[interior])
-    tissue[organ] = t["organ"] * (1 + 0.04 * texture[organ])
-    tissue[fat] = t["fat"]
-    for value, name in LABELS_3D.items():
-        where = label == value
-        heterogeneity = 0.12 if name == "tumour" else 0.0
-        tissue[where] = t[name] * (1 + heterogeneity * lesion_texture[where])
-    tissue = ndimage.gaussian_filter(tissue, sigma=0.6 / spacing * spacing.min())
+
+    def tissue_image(t: dict[str, float]) -> np.ndarray:
+        tissue = np.zeros(shape, dtype=np.float64)
+        tissue[interior] = t["parenchyma"] * (1 + 0.04 * texture[interior])
+        tissue[organ] = t["organ"] * (1 + 0.04 * texture[organ])
+        tissue[fat] = t["fat"]
+        for value, name in LABELS_3D.items():
+            where = label == value
+            heterogeneity = 0.12 if name == "tumour" else 0.0
+            tissue[where] = t[name] * (1 + heterogeneity * lesion_texture[where])
+        return ndimage.gaussian_filter(tissue, sigma=0.6 / spacing * spacing.min())
+
+    tissue = tissue_image(TISSUE_INTENSITY_3D)
 
     direction = rng.standard_normal(3)
     direction /= np.linalg.norm(direction)
@@ -283,15 +303,22 @@ def make_phantom_3d(
     )
     ramp = sum(g * d for g, d in zip(grids, direction, strict=True)) / (np.abs(direction) @ (extent / 2))
     bias_field = np.exp(bias * (ramp + 0.3 * _smooth_field(rng, shape, cycles=1.5)))
-    signal = tissue * bias_field
-    real = rng.standard_normal(shape)
-    imaginary = rng.standard_normal(shape)
-    image = np.sqrt((signal + noise * real) ** 2 + (noise * imaginary) ** 2).astype(np.float32)
+
+    def rician(signal: np.ndarray) -> np.ndarray:
+        real = rng.standard_normal(shape)
+        imaginary = rng.standard_normal(shape)
+        return np.sqrt((signal + noise * real) ** 2 + (noise * imaginary) ** 2).astype(np.float32)
+
+    # Channel 0 draws exactly what a one-channel phantom draws; the other contrasts draw afterwards.
+    image = np.stack(
+        [rician(tissue * bias_field)]
+        + [rician(tissue_image(t) * bias_field) for t in list(EXTRA_CONTRASTS_3D.values())[: channels - 1]]
+    )
 
     affine = Scan.affine_from_spacing(spacing, origin=-(np.asarray(shape) - 1) / 2 * spacing)
     names = {v: LABELS_3D[v] for v in range(1, n_structures + 1)}
     meta = {"phantom": {"seed": int(seed), "labels": names, "noise": noise, "bias": bias, "modality": "MRI"}}
-    image_scan = Scan.from_spatial(image, affine, meta=meta)
+    image_scan = Scan(image, affine, meta=meta)
     label_scan = Scan.from_spatial(label, affine.copy(), meta={"phantom": dict(meta["phantom"])})
     return image_scan, label_scan, describe(label_scan, names=names)
 
@@ -528,6 +555,10 @@ def write_phantom_dataset(
     seed: int = 0,
     layout: str | None = None,
     overwrite: bool = False,
+    *,
+    channels: int = 1,
+    shape: tuple[int, int, int] | None = None,
+    compress: bool = True,
 ) -> Path:
     """Write ``n_cases`` phantoms as a dataset the readers in :mod:`medsight.datasets` accept.
 
@@ -535,6 +566,9 @@ def write_phantom_dataset(
     plus texts.csv and a ``texts`` entry in dataset.json); 2D uses the LViT layout (``layout="lvit"``:
     Train_Folder/ and Val_Folder/ with img/, labelcol/ and a text sheet). Case ``i`` uses seed ``seed + i``.
     A non-empty ``out_dir`` is refused unless ``overwrite``; then only stale ``phantom_*`` files are removed.
+    3D only: ``channels`` MRI contrasts per case (4 gives a BraTS-style T1c/T1/T2/FLAIR stack in one 4D
+    NIfTI), ``shape`` the voxel grid (default that of :func:`make_phantom_3d`; any other shape is
+    isotropic 1 mm), ``compress=False`` writes .nii instead of .nii.gz.
     """
     out_dir = Path(out_dir)
     layout = layout or ("msd" if dim == 3 else "lvit")
@@ -551,8 +585,10 @@ def write_phantom_dataset(
             "folder is not empty; pass --overwrite (or overwrite=True in Python) to write into it", out_dir
         )
     out_dir.mkdir(parents=True, exist_ok=True)
+    if dim == 2 and (channels != 1 or shape is not None or not compress):
+        raise MedsightError("channels, shape and compress apply to 3D phantoms only", out_dir)
     if layout == "msd":
-        _write_msd(out_dir, n_cases, seed)
+        _write_msd(out_dir, n_cases, seed, channels, shape, ".nii.gz" if compress else ".nii")
     else:
         _write_lvit(out_dir, n_cases, seed)
     return out_dir
@@ -565,23 +601,24 @@ def _remove_stale(folder: Path, keep: set[str]) -> None:
                 path.unlink()
 
 
-def _write_msd(out_dir: Path, n_cases: int, seed: int) -> None:
+def _write_msd(out_dir: Path, n_cases: int, seed: int, channels: int, shape, suffix: str) -> None:
     import csv
     import io as text_io
     import json
 
     from medsight import io
 
+    grid = {} if shape is None else {"shape": tuple(shape), "spacing": (1.0, 1.0, 1.0)}
     training, texts = [], {}
-    names = [f"phantom_{i:03d}.nii.gz" for i in range(n_cases)]
+    names = [f"phantom_{i:03d}{suffix}" for i in range(n_cases)]
     for sub in ("imagesTr", "labelsTr"):
         _remove_stale(out_dir / sub, set(names))
     for i, name in enumerate(names):
-        image, label, text = make_phantom_3d(seed + i)
+        image, label, text = make_phantom_3d(seed + i, channels=channels, **grid)
         io.write(image, out_dir / "imagesTr" / name, overwrite=True)
         io.write(label, out_dir / "labelsTr" / name, overwrite=True)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-        texts[name.removesuffix(".nii.gz")] = text
+        texts[name.removesuffix(suffix)] = text
     manifest = {
         "name": "Phantom",
         "description": "Synthetic abdomen-like MRI phantoms generated by medsight (no patient data)",
@@ -589,7 +626,9 @@ def _write_msd(out_dir: Path, n_cases: int, seed: int) -> None:
         "licence": "CC0 1.0",
         "release": "1.0",
         "tensorImageSize": "3D",
-        "modality": {"0": "MRI"},
+        "modality": {"0": "MRI"}
+        if channels == 1
+        else {str(i): n for i, n in enumerate(CHANNEL_NAMES_3D[:channels])},
         "labels": {"0": "background", **{str(k): v for k, v in LABELS_3D.items()}},
         "numTraining": n_cases,
         "numTest": 0,

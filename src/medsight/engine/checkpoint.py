@@ -12,29 +12,77 @@ REQUIRED = ("format", "model", "state_dict", "labels", "preprocessing")
 FORMAT = "medsight-checkpoint-1"
 
 
+def _plain(value: Any) -> Any:
+    """Metadata as types ``torch.load(weights_only=True)`` accepts: numpy scalars become Python
+    numbers and paths strings; tensors and numpy arrays (allowed on load) stay as they are."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _safe_globals() -> list:
+    """What a weights-only load may rebuild besides tensors and plain types: numpy arrays, numpy
+    scalars and paths, which older medsight versions stored in metadata. None of them runs code."""
+    import pathlib
+
+    import numpy as np
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    # numbers and booleans only: an object array could carry arbitrary pickled objects
+    dtypes = [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"]
+    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, pathlib.PosixPath, *dtypes]
+
+
 def save(path: str | Path, payload: dict[str, Any], overwrite: bool = True) -> Path:
     import torch
 
     from medsight import __version__
     from medsight.io import atomic_path
 
-    payload = {"format": FORMAT, "medsight_version": __version__, **payload}
+    payload = _plain({"format": FORMAT, "medsight_version": __version__, **payload})
     with atomic_path(path, overwrite=overwrite) as tmp:
         torch.save(payload, tmp)
     return Path(path)
 
 
-def load(path: str | Path, method: str | None = None) -> dict[str, Any]:
-    """Load and validate; ``method`` (if given) must match the checkpoint's method."""
+def _read(path: Path) -> Any:
+    """``torch.load`` that never runs code from the file (weights only, a short allow-list)."""
+    import pickle
+
     import torch
 
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch names what it refused after this marker: a global (class, function) means the file
+        # holds objects beyond weights; anything else (an unknown opcode) means it is not a pickle
+        reason = str(exc).partition("WeightsUnpickler error:")[2].lower()
+        if "global" in reason or "can only build" in reason:
+            raise MedsightError(
+                "holds objects other than weights and plain metadata, so it cannot be loaded safely "
+                "(written by an older medsight, or not by medsight); retrain it with this version",
+                path,
+            ) from None
+        raise MedsightError(f"corrupt or unreadable checkpoint ({type(exc).__name__})", path) from None
+    except Exception as exc:
+        raise MedsightError(f"corrupt or unreadable checkpoint ({type(exc).__name__})", path) from exc
+
+
+def load(path: str | Path, method: str | None = None) -> dict[str, Any]:
+    """Load and validate; ``method`` (if given) must match the checkpoint's method."""
     path = Path(path)
     if not path.is_file():
         raise MedsightError("no such checkpoint file", path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise MedsightError(f"corrupt or unreadable checkpoint ({type(exc).__name__})", path) from exc
+    payload = _read(path)
     if (
         not isinstance(payload, dict)
         or payload.get("format") != FORMAT

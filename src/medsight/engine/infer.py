@@ -14,11 +14,11 @@ import numpy as np
 
 from medsight import progress
 from medsight.engine import checkpoint
-from medsight.engine.preprocess import Preprocessing
+from medsight.engine.preprocess import Preprocessing, as_picture, as_volume
 from medsight.engine.sampling import from_working, pad_to, round_up, stack, to_working
-from medsight.engine.tta import average_over_views, mirror_views
+from medsight.engine.tta import average_over_views, dihedral_views, mirror_views
 from medsight.errors import MedsightError
-from medsight.scan import Scan
+from medsight.scan import Scan, fill_non_finite
 
 Forward = Callable[[np.ndarray], np.ndarray]
 
@@ -111,8 +111,9 @@ def largest_components(labels: np.ndarray) -> np.ndarray:
 class Predictor:
     """Everything needed to segment a scan, rebuilt from one checkpoint file.
 
-    ``tta`` averages over mirror images along the model's training mirror axes; it is an attribute,
-    so one loaded network can predict both ways.
+    ``tta`` averages over mirror images along the model's training mirror axes (for a model trained
+    on pictures with both axes mirrored, the eight rotations and mirror images it was trained on);
+    it is an attribute, so one loaded network can predict both ways.
     """
 
     def __init__(
@@ -151,6 +152,13 @@ class Predictor:
         self.slices = int(self.model_info.get("slices", 1))
         self.patch = tuple(payload["patch"])
         self.labels: dict[int, str] = {int(k): v for k, v in payload["labels"].items()}
+        # Masks hold the values the training label files stored (0/255 pictures stay 0/255), so a
+        # prediction compares with the dataset's own masks.
+        mapping = {int(k): int(v) for k, v in payload.get("label_mapping", {}).items()}
+        stored = {}
+        for raw, value in sorted(mapping.items()):
+            stored.setdefault(value, raw)
+        self.stored_values = {v: stored.get(v, v) for v in self.labels}
         self.pre = Preprocessing.from_dict(payload["preprocessing"])
         if backend == "onnx":
             import onnxruntime as ort
@@ -198,7 +206,8 @@ class Predictor:
 
     @property
     def class_values(self) -> np.ndarray:
-        return np.array(sorted(self.labels), dtype=np.int16)
+        """The value each class index is written as: the training label files' own values."""
+        return np.array([self.stored_values[v] for v in sorted(self.labels)], dtype=np.int16)
 
     def check(self, scan: Scan) -> None:
         if scan.channels != self.pre.in_channels:
@@ -206,22 +215,36 @@ class Predictor:
                 f"scan has {scan.channels} channel(s) but the model was trained on {self.pre.in_channels}",
                 scan.path,
             )
-        if scan.ndim != 3:
-            raise MedsightError(f"the model segments 3D volumes; this scan is {scan.ndim}D", scan.path)
+        one_slice = scan.ndim == 3 and scan.spatial_shape[-1] == 1  # how NIfTI stores a 2D image
+        if scan.ndim != self.pre.dim and not (self.pre.dim == 2 and one_slice):
+            what = {2: "2D images", 3: "3D volumes"}
+            raise MedsightError(
+                f"the model was trained on {what[self.pre.dim]}; this scan is {scan.ndim}D", scan.path
+            )
 
     def predict(self, scan: Scan, largest_component: bool = False) -> tuple[Scan, Scan]:
         """(label map, class probabilities), both on the input scan's own grid and affine."""
         self.check(scan)
+        scan = fill_non_finite(scan)
+        if scan.ndim == 2:  # a picture is a one-slice volume to the engine, and back
+            labels, probs = self._predict(as_volume(scan), largest_component)
+            return as_picture(labels), as_picture(probs)
+        return self._predict(scan, largest_component)
+
+    def _predict(self, scan: Scan, largest_component: bool) -> tuple[Scan, Scan]:
         working = self.pre.image(scan)
-        probs = probabilities(
-            self.forward,
-            working.array,
-            self.kind,
-            self.slices,
-            self.patch,
-            self.pre.slice_axis,
-            self.mirror_axes if self.tta else (),
-        )
+
+        def run(image: np.ndarray, mirror_axes=()) -> np.ndarray:
+            return probabilities(
+                self.forward, image, self.kind, self.slices, self.patch, self.pre.slice_axis, mirror_axes
+            )
+
+        square = len(self.patch) == 2 and self.patch[0] == self.patch[1]
+        if self.tta and self.pre.dim == 2 and square and {0, 1} <= set(self.mirror_axes):
+            # trained on all eight rotations and mirror images of pictures (PatchSampler transpose)
+            probs = average_over_views(run, working.array, dihedral_views((1, 2)))
+        else:
+            probs = run(working.array, self.mirror_axes if self.tta else ())
         probs = self.pre.restore(probs, working, scan)
         labels = self.class_values[np.argmax(probs, axis=0)]
         if largest_component:

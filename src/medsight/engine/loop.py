@@ -295,6 +295,13 @@ class MedsightTask(L.LightningModule):
     name = ""
     flags: dict[str, str] = {}  # config field -> CLI flag, where the flag is not --field-name
     resume_ignores: set[str] = set()  # config fields free to change on resume (besides RUN_ONLY)
+    config_class: type[LoopConfig] = LoopConfig  # what `medsight train` fills from its options
+    score_name = "validation score"  # what val_score is, for messages
+
+    @classmethod
+    def methods(cls) -> list[str]:
+        """The ``medsight train --method`` values this task trains."""
+        return []
 
     def __init__(self, cfg: LoopConfig):
         super().__init__()
@@ -375,6 +382,12 @@ class MedsightTask(L.LightningModule):
             int(np.random.default_rng([self.cfg.seed, self.global_rank, self.current_epoch]).integers(2**31))
         )
         self._losses = []
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        from medsight.losses import require_finite_loss
+
+        # before the step: a NaN loss would turn every weight NaN and the next checkpoint useless
+        require_finite_loss(loss, self.current_epoch, self.global_step)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs

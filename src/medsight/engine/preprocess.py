@@ -6,15 +6,30 @@ per modality (MRI and anything unknown: per-image, per-channel z-score after cli
 image's own 0.5-99.5 percentiles; CT: clip to the training
 foreground's 0.5-99.5 percentiles, then the global mean/std), and the prediction is resampled back
 onto the input's own grid, so the output carries the input's affine.
+
+2D pictures (and 2D scans of any format) go through the same code as one-slice volumes: ``as_volume``
+adds a slice axis of length 1 (the 4x4 affine already has ``k = 0``), which is the slice axis of the
+2D network, and ``as_picture`` drops it again, so a mask keeps the picture's own geometry.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from medsight.scan import Scan
+
+
+def as_volume(scan: Scan) -> Scan:
+    """A 2D scan as a one-slice volume on the same affine (its third axis is the slice axis)."""
+    return scan if scan.ndim == 3 else Scan(scan.array[..., None], scan.affine, dict(scan.meta), scan.path)
+
+
+def as_picture(scan: Scan) -> Scan:
+    """The inverse of ``as_volume``."""
+    return Scan(scan.array[..., 0], scan.affine, dict(scan.meta), scan.path)
 
 
 def choose_slice_axis(spacing: np.ndarray, labels: list[Scan]) -> int:
@@ -28,10 +43,19 @@ def choose_slice_axis(spacing: np.ndarray, labels: list[Scan]) -> int:
     0.854 mean Dice against 0.843 for axial and 0.824 for sagittal slices. Without any foreground,
     the last axis.
     """
+    return _slice_axis_from_extents(spacing, [foreground_extent(lab) for lab in labels])
+
+
+def foreground_extent(label: Scan) -> np.ndarray | None:
+    """Voxel extent of a label's foreground along each spatial axis (None without foreground)."""
+    voxels = np.argwhere(label.array[0] > 0)
+    return np.ptp(voxels, axis=0) if len(voxels) else None
+
+
+def _slice_axis_from_extents(spacing: np.ndarray, extents: list[np.ndarray | None]) -> int:
     if np.ptp(spacing) > 0.01 * spacing.max():
         return int(np.argmax(spacing))
-    foreground = (np.argwhere(lab.array[0] > 0) for lab in labels)
-    extents = [np.ptp(voxels, axis=0) for voxels in foreground if len(voxels)]
+    extents = [e for e in extents if e is not None]
     if not extents:
         return len(spacing) - 1
     return int(np.argmax(np.median(extents, axis=0)))
@@ -44,6 +68,7 @@ class Preprocessing:
     ct_stats: dict[str, float] = field(default_factory=dict)  # clip_low, clip_high, mean, std
     slice_axis: int = 2  # spatial axis that 2D/2.5D models slide along
     in_channels: int = 1
+    dim: int = 3  # 2: trained on 2D pictures, seen as one-slice volumes (as_volume)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,29 +85,65 @@ class Preprocessing:
         modality: str | None,
         slice_wise: bool,
         slice_axis: int | None = None,
+        spacing: list[float] | None = None,
     ) -> Preprocessing:
-        spacings = np.array([s.spacing for s in scans])
-        median = np.median(spacings, axis=0)
+        """``spacing``: the target spacing of the axes a network sees (in-plane for slice-wise
+        methods), instead of the training set's median; e.g. ``2,2`` halves a picture's resolution."""
+        return cls.fit_stream(
+            zip(scans, labels, strict=True), modality, slice_wise, slice_axis, spacing=spacing
+        )
+
+    @classmethod
+    def fit_stream(
+        cls,
+        pairs: Iterable[tuple[Scan, Scan]],
+        modality: str | None,
+        slice_wise: bool,
+        slice_axis: int | None = None,
+        ct_samples: int | None = None,
+        spacing: list[float] | None = None,
+    ) -> Preprocessing:
+        """:meth:`fit` over (image, label) pairs read one at a time (a generator), keeping only what
+        the statistics need: each case's spacing and foreground extent, and for CT its foreground
+        intensities, of which ``ct_samples`` (None: all) are kept per case, drawn at random as
+        nnU-Net's fingerprint does, so memory stays flat in the number of cases."""
+        spacings, extents, foreground, channels = [], [], [], None
+        for i, (scan, label) in enumerate(pairs):
+            spacings.append(np.asarray(scan.spacing, dtype=float))
+            extents.append(foreground_extent(label))
+            channels = scan.channels if channels is None else channels
+            if (modality or "").upper() == "CT":
+                fg = scan.array[0][label.array[0] > 0].ravel()
+                if ct_samples is not None and len(fg) > ct_samples:
+                    fg = np.random.default_rng(i).choice(fg, ct_samples, replace=False)
+                foreground.append(fg)
+        if not spacings:
+            raise ValueError("no cases to fit the preprocessing on")
+        median = np.median(np.array(spacings), axis=0)
         if slice_axis is None:
-            slice_axis = choose_slice_axis(median, labels)
+            slice_axis = _slice_axis_from_extents(median, extents)
         elif not 0 <= slice_axis < len(median):
             raise ValueError(f"slice axis must be one of 0..{len(median) - 1}, got {slice_axis}")
         target = [float(x) for x in median]
+        if spacing is not None:
+            axes = [a for a in range(len(target)) if not (slice_wise and a == slice_axis)]
+            if len(spacing) != len(axes) or min(spacing) <= 0:
+                raise ValueError(f"the target spacing needs {len(axes)} positive values, not {list(spacing)}")
+            for a, value in zip(axes, spacing, strict=True):
+                target[a] = float(value)
         if slice_wise:
             target[slice_axis] = -1.0  # MONAI Spacing: a non-positive pixdim keeps the native spacing
         needs_resampling = any(
             not np.allclose(
                 [t for t in target if t > 0],
-                [sp for t, sp in zip(target, s.spacing, strict=True) if t > 0],
+                [sp for t, sp in zip(target, case_spacing, strict=True) if t > 0],
                 rtol=0.01,
             )
-            for s in scans
+            for case_spacing in spacings
         )
-        pre = cls(target if needs_resampling else None, slice_axis=slice_axis, in_channels=scans[0].channels)
-        if (modality or "").upper() == "CT":
-            fg = np.concatenate(
-                [s.array[0][lab.array[0] > 0].ravel() for s, lab in zip(scans, labels, strict=True)]
-            )
+        pre = cls(target if needs_resampling else None, slice_axis=slice_axis, in_channels=channels)
+        if foreground:
+            fg = np.concatenate(foreground)
             low, high = np.percentile(fg, [0.5, 99.5])
             clipped = np.clip(fg, low, high)
             pre.normalisation = "ct"

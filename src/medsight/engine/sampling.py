@@ -65,7 +65,17 @@ class PatchSampler:
     present, so a small class (a lesion beside a large organ) is seen as often as the large one.
 
     ``mirror_axes`` (the scan's spatial axes) mirrors each sample along each of them with
-    probability 1/2.
+    probability 1/2. With ``transpose`` (2D pictures), when both in-plane axes are mirror axes and
+    the patch is square, a sample is also transposed with probability 1/2: the two mirrors and the
+    transposition draw all eight rotations and mirror images of a picture whose orientation means
+    nothing (nuclei, cells), as the text-guided trainer's crops do. Volumes never transpose: a
+    mirror along each axis does not make the swap of two anatomical axes plausible.
+
+    ``images`` and ``labels`` are sequences indexed per sample, so they may be memory-mapped arrays
+    (or a sequence that opens one on access): a sample reads only its window. ``class_locations``
+    (one list per volume, holding per class present a sequence of voxel coordinates in the label's
+    axis order, e.g. a sample of them as nnU-Net keeps) replaces the scan of every label for its
+    foreground voxels, which would read every volume whole.
     """
 
     def __init__(
@@ -79,14 +89,21 @@ class PatchSampler:
         fg_fraction=0.33,
         mirror_axes=(),
         slice_axis: int = 2,
+        class_locations=None,
+        transpose: bool = False,
     ):
         self.images, self.labels = images, labels
         self.kind, self.patch, self.slices, self.rng = kind, tuple(patch), slices, rng
         self.fg_fraction = fg_fraction
         self.mirrors = [m for a in mirror_axes if (m := sample_axes(kind, a, slice_axis))]
-        self.fg_voxels = [
-            [np.argwhere(lab == value) for value in np.unique(lab) if value > 0] for lab in labels
-        ]
+        self.transpose = (
+            transpose and kind == "2d" and len(self.mirrors) == 2 and self.patch[0] == self.patch[1]
+        )
+        if class_locations is None:
+            class_locations = [
+                [np.argwhere(lab == value) for value in np.unique(lab) if value > 0] for lab in labels
+            ]
+        self.fg_voxels = class_locations
 
     def _centre(self, v: int) -> np.ndarray | None:
         by_class = self.fg_voxels[v]
@@ -108,6 +125,8 @@ class PatchSampler:
         v = int(self.rng.integers(len(self.images)))
         image, label = self.images[v], self.labels[v]
         centre = self._centre(v)
+        if centre is not None:
+            centre = np.asarray(centre)
         if self.kind == "3d":
             starts = [
                 self._crop_start(n, p, None if centre is None else int(c))
@@ -128,6 +147,8 @@ class PatchSampler:
             if self.rng.random() < 0.5:
                 x = np.flip(x, x_axis)
                 y = y if y_axis is None else np.flip(y, y_axis)
+        if self.transpose and self.rng.random() < 0.5:
+            x, y = np.swapaxes(x, -1, -2), y.T
         return pad_to(x, self.patch), pad_to(y, self.patch)
 
     def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:

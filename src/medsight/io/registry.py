@@ -82,6 +82,19 @@ def suffix_of(path: str | Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
+def case_name(path: str | Path) -> str:
+    """A file's name without its image suffix, or a folder's (a DICOM series) whole name.
+
+    Only suffixes medsight reads are stripped, so dots inside a name survive: DICOM UIDs
+    (``1.3.6.1...0001.nii.gz``) and BIDS entities (``sub-01_ses-1.5T.nii.gz``). The one place that
+    turns an input into a case id or an output name, so predict, evaluate and the layouts agree.
+    """
+    name = Path(path).name
+    suffix = suffix_of(name)
+    known = {s for fmt in FORMATS.values() for s in fmt.suffixes}
+    return name[: -len(suffix)] if suffix in known and len(name) > len(suffix) else name
+
+
 def format_of(path: str | Path) -> Format:
     path = Path(path)
     if path.is_dir():

@@ -32,8 +32,10 @@ __all__ = [
     "FewShotNet",
     "combine_local_similarities",
     "cosine_logits",
+    "episode_losses",
     "local_prototypes",
     "masked_average_pooling",
+    "shared_heads",
 ]
 
 HEADS = ("prototype", "local-prototype", "conditional")
@@ -228,3 +230,68 @@ class FewShotNet(nn.Module):
     def forward(self, support_images: torch.Tensor, support_masks: torch.Tensor, query: torch.Tensor):
         """One-call form: ``(B, S, C, H, W)``, ``(B, S, H, W)``, ``(B, C, H, W)`` -> ``(B, 2, H, W)``."""
         return self.segment(query, self.condition(support_images, support_masks))
+
+
+def shared_heads(heads, model_kwargs: dict) -> nn.ModuleDict:
+    """One :class:`FewShotNet` per head, all holding the same encoder module."""
+    nets = nn.ModuleDict({h: FewShotNet(head=h, **model_kwargs) for h in heads})
+    for h in heads[1:]:
+        nets[h].encoder = nets[heads[0]].encoder
+    return nets
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus soft Dice of the foreground (per episode, averaged)."""
+    ce = F.cross_entropy(logits, target)
+    p = logits.softmax(1)[:, 1]
+    g = (target == 1).to(p.dtype)
+    inter = (p * g).sum(dim=(1, 2))
+    dice = (2 * inter + 1) / (p.sum(dim=(1, 2)) + g.sum(dim=(1, 2)) + 1)
+    return ce + (1 - dice).mean()
+
+
+def episode_losses(nets, batch, align_weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Training losses of a batch of 1-shot episodes ``(support images, support masks, query
+    images, query masks)`` for every head of ``nets`` (head -> FewShotNet, one shared encoder that
+    embeds each image once): ``loss`` (summed over heads, alignment weighted), and the heads' mean
+    ``segmentation`` and ``alignment`` losses. Alignment (PANet): segment the support back from the
+    query's own prediction."""
+    s_img, s_mask, q_img, q_mask = batch
+    heads = list(nets.keys())
+    b, size = s_img.shape[0], q_img.shape[-2:]
+    feats = nets[heads[0]].embed(torch.cat([s_img, q_img]))
+    s_feats, q_feats = feats[:b], feats[b:]
+    zero = feats.new_zeros(())
+    loss, seg, align = zero, zero, zero
+    for h in heads:
+        model = nets[h]
+        logits = model.segment_features(q_feats, model.condition_from_features(s_feats, s_mask, b, 1), size)
+        head_seg, head_align = segmentation_loss(logits, q_mask), zero
+        if align_weights[h] > 0:
+            predicted = logits.argmax(1).detach()
+            found = predicted.flatten(1).any(1)
+            if found.any():
+                back_cond = model.condition_from_features(
+                    q_feats[found], predicted[found], int(found.sum()), 1
+                )
+                back = model.segment_features(s_feats[found], back_cond, size)
+                head_align = F.cross_entropy(back, s_mask[found].long())
+        loss = loss + head_seg + align_weights[h] * head_align
+        seg, align = seg + head_seg / len(heads), align + head_align / len(heads)
+    return {"loss": loss, "segmentation": seg, "alignment": align}
+
+
+def episode_dice(nets, batch) -> dict[str, torch.Tensor]:
+    """Per head, the Dice of each episode's query prediction (argmax) against its query mask ``(B,)``."""
+    s_img, s_mask, q_img, q_mask = batch
+    b, size = s_img.shape[0], q_img.shape[-2:]
+    feats = next(iter(nets.values())).embed(torch.cat([s_img, q_img]))
+    out = {}
+    for h, model in nets.items():
+        cond = model.condition_from_features(feats[:b], s_mask, b, 1)
+        predicted = model.segment_features(feats[b:], cond, size).argmax(1) == 1
+        truth = q_mask == 1
+        inter = (predicted & truth).flatten(1).sum(1).float()
+        total = (predicted.flatten(1).sum(1) + truth.flatten(1).sum(1)).float()
+        out[h] = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+    return out

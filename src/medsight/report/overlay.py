@@ -136,16 +136,12 @@ def _show_rgb(arr: np.ndarray) -> np.ndarray:
 
 
 def _label_array(scan: Scan | None, image: Scan, what: str) -> np.ndarray | None:
+    """The label's first channel on the image's grid (resampled when its affine differs)."""
+    from medsight.scan import align_to
+
     if scan is None:
         return None
-    if scan.spatial_shape != image.spatial_shape:
-        from medsight.errors import MedsightError
-
-        raise MedsightError(
-            f"{what} shape {list(scan.spatial_shape)} differs from the image's {list(image.spatial_shape)}",
-            scan.path,
-        )
-    return scan.array[0]
+    return align_to(scan, image, what).array[0]
 
 
 def overlay_png(
@@ -162,7 +158,7 @@ def overlay_png(
 
     ``slice_index`` (volumes only): an int picks the axial slice, as an index along the scan's own
     voxel axis closest to superior-inferior; a voxel ``(i, j, k)`` picks the crossing point of all
-    three views. Label and prediction must have the image's shape. ``window`` (low, high) replaces
+    three views. Label and prediction are put on the image's grid (:func:`medsight.scan.align_to`). ``window`` (low, high) replaces
     the percentile window, e.g. to show a prediction and its reference image on the same scale.
     """
     import matplotlib

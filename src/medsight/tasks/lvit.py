@@ -40,7 +40,7 @@ import torch
 from medsight.engine.loop import LoopConfig, MedsightTask, Shared, fit, world
 from medsight.errors import MedsightError
 from medsight.models.lvit import forward, is_grounded, lv_loss, predict_probabilities, pseudo_label_loss
-from medsight.scan import Scan
+from medsight.scan import Scan, fill_non_finite
 from medsight.tasks.lvit_data import (
     augmenter,
     choose_labeled,
@@ -394,7 +394,9 @@ class TextSegPredictor:
             )
         embedding = self.encoder.embed_one(text) if self.encoder is not None else TextEmbedding.empty()
         shape = tuple(scan.spatial_shape)
-        image = resize(self.pre.normalise(scan.array), working_shape(shape, self.image_scale))
+        image = resize(
+            self.pre.normalise(fill_non_finite(scan).array), working_shape(shape, self.image_scale)
+        )
         probs = predict_probabilities(self.model, image, embedding, self.window, tta=self.tta)
         probs = resize(probs, shape)
         classes = probs.argmax(0)

@@ -51,12 +51,20 @@ register_task(
     "medsight.cli.segment:register", "a unet2d/context25d/unet3d model", "medsight predict",
 )  # fmt: skip
 register_task(
-    "fewshot", None, "medsight.tasks.fewshot:FewShotPredictor", "medsight.cli.fewshot:register",
-    "a few-shot model", "medsight fewshot",
+    "fewshot", "medsight.tasks.fewshot:FewShotTask", "medsight.tasks.fewshot:predictor",
+    "medsight.cli.fewshot:register", "a few-shot model", "medsight fewshot",
 )  # fmt: skip
 register_task(
     "textseg", "medsight.tasks.lvit:TextSegTask", "medsight.tasks.lvit:TextSegPredictor", "medsight.cli.textseg:register",
     "a text-guided model", "medsight textseg predict",
+)  # fmt: skip
+register_task(
+    "caption", "medsight.tasks.sr:CaptionTask", "medsight.tasks.sr:predictor", None,
+    "a caption network (the semantic step of `medsight sr train`)", "medsight sr train",
+)  # fmt: skip
+register_task(
+    "sr", "medsight.tasks.sr:SRTask", "medsight.tasks.sr:predictor", "medsight.cli.sr:register",
+    "a super-resolution model", "medsight sr predict",
 )  # fmt: skip
 
 
@@ -78,6 +86,19 @@ def get_task(name: str, path: str | Path | None = None) -> Task:
             f"was written by the unknown task '{name}'; choose one of {', '.join(TASKS)}", path
         )
     return TASKS[name]
+
+
+def task_for_method(method: str):
+    """The task class that trains ``medsight train --method METHOD``."""
+    known = []
+    for task in TASKS.values():
+        if task.module_class is None:
+            continue
+        cls = task.resolve("module_class")
+        if method in cls.methods():
+            return cls
+        known += cls.methods()
+    raise MedsightError(f"unknown method '{method}'; choose one of {', '.join(known)}")
 
 
 def load_predictor(path: str | Path, **options):

@@ -2,7 +2,8 @@
 
 Open the dataset (any supported layout), split it by seed, fit and apply preprocessing, plan batch
 and patch sizes from the data, train on foreground-oversampled slices or patches, validate each epoch
-by mean Dice over the foreground classes. Everything else (devices, resume, best/last, early stop,
+by mean Dice over the foreground classes. 2D datasets (pictures: PNG, TIFF, JPEG...; 1 or 3 channels)
+train the 2D network on one-slice volumes (``preprocess.as_volume``). Everything else (devices, resume, best/last, early stop,
 weight average, DDP) is the loop's: :mod:`medsight.engine.loop`.
 """
 
@@ -30,6 +31,7 @@ class SegmentationConfig(LoopConfig):
     slice_axis: int | None = None  # for 2D/2.5D methods; None chooses (preprocess.choose_slice_axis)
     patch_size: list[int] | None = None  # None: planned from the data (engine/plan.py)
     memory_budget: float = 512.0  # MB of activations per batch the plan aims at
+    spacing: list[float] | None = None  # target spacing of the axes the network sees; None: the median
     augmentation: str = "spatial"  # "none", "intensity" or "spatial" (rotation and scaling too)
     class_weights: str = "auto"  # "auto": log-damped inverse frequency; "none": plain cross-entropy
     # Spatial axes along which mirror images are anatomically plausible and keep their label names.
@@ -65,25 +67,43 @@ def _label_lookup(values: list[int]) -> np.ndarray:
 
 
 def _read_cases(dataset, ids, what: str, progress: bool) -> list:
+    """(image, label) Scans; 2D ones as one-slice volumes, so one code path trains both."""
     from tqdm import tqdm
+
+    from medsight.engine.preprocess import as_volume
 
     pairs = []
     for cid in tqdm(ids, desc=f"reading {what}", disable=not progress, leave=False):
         image, label = dataset.load_case(dataset.case(cid))
         if label is None:
             raise MedsightError(f"case '{cid}' has no label", dataset.root)
-        pairs.append((image, label))
+        if image.ndim != dataset.dim:
+            raise MedsightError(f"is {image.ndim}D in a {dataset.dim}D dataset", image.path)
+        pairs.append((as_volume(image), as_volume(label)))
     return pairs
 
 
-def prepare_data(cfg: SegmentationConfig, slice_wise: bool, progress: bool = True) -> dict[str, Any]:
-    """Open, split, read and preprocess; ``train``/``val`` are lists of (image, label) arrays."""
+def check_method_fits(method: str, kind: str, dim: int, data) -> None:
+    """2D pictures have no neighbouring slices (context25d) and no depth (unet3d)."""
+    if dim == 2 and kind != "2d":
+        raise MedsightError(
+            f"--method {method} needs 3D volumes; this dataset holds 2D images: use --method unet2d", data
+        )
+
+
+def prepare_data(cfg: SegmentationConfig, kind: str, progress: bool = True) -> dict[str, Any]:
+    """Open, split, read and preprocess; ``train``/``val`` are lists of (image, label) arrays,
+    (C, X, Y, Z) and (X, Y, Z); a 2D dataset's are one-slice volumes, Z = 1."""
     from medsight.datasets import open_dataset, split_dataset
     from medsight.engine.preprocess import Preprocessing
 
     dataset = open_dataset(cfg.data, cfg.layout, **cfg.layout_options)
-    if dataset.dim != 3:
-        raise MedsightError("segmentation training needs 3D volumes; this dataset is 2D", cfg.data)
+    check_method_fits(cfg.method, kind, dataset.dim, cfg.data)
+    slice_axis = cfg.slice_axis
+    if dataset.dim == 2:
+        if slice_axis not in (None, 2):
+            raise MedsightError(f"--slice-axis {slice_axis} means nothing for 2D images; leave it out")
+        slice_axis = 2  # the one-slice axis as_volume adds
     split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
     train_ids, val_ids = split_dataset(dataset, cfg.val_fraction, split_seed)
     if not train_ids or not val_ids:
@@ -92,6 +112,9 @@ def prepare_data(cfg: SegmentationConfig, slice_wise: bool, progress: bool = Tru
         val_ids = val_ids[: cfg.max_val_cases]
     train_pairs = _read_cases(dataset, train_ids, "training cases", progress)
     val_pairs = _read_cases(dataset, val_ids, "validation cases", progress)
+    channels = {image.channels for image, _ in train_pairs + val_pairs}
+    if len(channels) > 1:
+        raise MedsightError(f"images have different channel counts {sorted(channels)}", cfg.data)
     values = (
         sorted(dataset.labels)
         if dataset.labels
@@ -99,13 +122,18 @@ def prepare_data(cfg: SegmentationConfig, slice_wise: bool, progress: bool = Tru
     )
     labels = {v: dataset.labels.get(v, f"label_{v}") for v in values}
     lut = _label_lookup(values)
-    pre = Preprocessing.fit(
-        [i for i, _ in train_pairs],
-        [lab for _, lab in train_pairs],
-        dataset.modality,
-        slice_wise,
-        cfg.slice_axis,
-    )
+    try:
+        pre = Preprocessing.fit(
+            [i for i, _ in train_pairs],
+            [lab for _, lab in train_pairs],
+            dataset.modality,
+            kind != "3d",
+            slice_axis,
+            cfg.spacing,
+        )
+    except ValueError as error:
+        raise MedsightError(f"--spacing: {error}") from None
+    pre.dim = dataset.dim
 
     def apply(pairs):
         out = []
@@ -123,6 +151,7 @@ def prepare_data(cfg: SegmentationConfig, slice_wise: bool, progress: bool = Tru
         "train_ids": train_ids,
         "val_ids": val_ids,
         "labels": labels,
+        "label_mapping": {int(k): int(v) for k, v in dataset.label_mapping.items()},
         "pre": pre,
         "train": apply(train_pairs),
         "val": apply(val_pairs),
@@ -132,6 +161,14 @@ def prepare_data(cfg: SegmentationConfig, slice_wise: bool, progress: bool = Tru
 class SegmentationTask(MedsightTask):
     name = "segmentation"
     resume_ignores = {"data"}
+    config_class = SegmentationConfig
+    score_name = "validation mean Dice"
+
+    @classmethod
+    def methods(cls) -> list[str]:
+        from medsight.models.registry import MODELS
+
+        return list(MODELS)
 
     def __init__(self, cfg: SegmentationConfig):
         from medsight.engine.augment import LEVELS
@@ -165,7 +202,7 @@ class SegmentationTask(MedsightTask):
         from medsight.models.registry import build_model
 
         cfg, rank = self.cfg, world()[0]
-        data = prepare_data(cfg, slice_wise=self.kind != "3d", progress=cfg.progress and rank == 0)
+        data = prepare_data(cfg, self.kind, progress=cfg.progress and rank == 0)
         pre, self.labels = data["pre"], data["labels"]
         n_classes = len(self.labels)
         facts = plan.fingerprint([y.shape for _, y in data["train"]], pre.in_channels, pre.slice_axis)
@@ -187,7 +224,7 @@ class SegmentationTask(MedsightTask):
         patch = tuple(self.plan["patch"])
         sampler = PatchSampler(
             [x for x, _ in work], [y for _, y in work], self.kind, patch, self.slices, None,
-            mirror_axes=cfg.mirror_axes, slice_axis=pre.slice_axis,
+            mirror_axes=cfg.mirror_axes, slice_axis=pre.slice_axis, transpose=pre.dim == 2,
         )  # fmt: skip
         self.data = Shared(
             {**data, "sampler": sampler, "augmenter": Augmenter(self.kind, cfg.augmentation, patch)}
@@ -241,6 +278,7 @@ class SegmentationTask(MedsightTask):
                 "kwargs": self.model_kwargs,
             },
             "labels": {int(k): v for k, v in self.labels.items()},
+            "label_mapping": data["label_mapping"],
             "preprocessing": self.pre.to_dict(),
             "patch": list(self.plan["patch"]),
             "plan": self.plan,
