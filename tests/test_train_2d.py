@@ -90,8 +90,9 @@ def test_train_predict_evaluate_on_a_drive_like_folder(drive, tmp_path, cli):
     masks = tmp_path / "masks"
     code, out, err = cli("predict", drive / "test" / "images", "-m", run / "best.pt", "-o", masks)
     assert code == 0, err
-    written = sorted(p.name for p in masks.iterdir())
+    written = sorted(p.name for p in masks.glob("*.png"))
     assert written == ["case_06.png", "case_07.png"]
+    assert (masks / "medsight-provenance.json").is_file()
     dices = []
     for name in written:
         pred = np.asarray(Image.open(masks / name))
