@@ -8,11 +8,13 @@
 Each configuration trains on ``Train_Folder`` (keeping a seeded ``fraction`` of the masks), selects
 its checkpoint on ``Val_Folder`` and is evaluated on ``--test-folder`` (default: the Val_Folder):
 mean per-image Dice and IoU of the foreground at the images' original size. Configuration names are
-``<variant>@<labeled fraction>[:<minutes>min]``; the suffix overrides ``--minutes`` for that
+``<variant>@<labeled fraction>[:<minutes>min]``; the suffix overrides ``--time-limit`` for that
 configuration and is part of its result key, e.g. ``lvit@1.0:40min``. Variants: ``unet2d``
 (supervised U-Net), ``lvit`` (text, EPI, LV loss), ``lvit-notext`` (the same without text),
 ``lvit-noepi``, ``lvit-nolv``, ``lvit-nosemi`` (neither: the labeled images alone), ``lvit-large``.
-Results merge into ``<out>/textseg.json`` (``textseg-quick.json`` for --quick), one entry per
+Each configuration trains through the ``medsight textseg train`` command itself (``train_args``
+gives its command line, kept as ``command`` in the results), so the benchmark reaches no setting the
+command does not. Results merge into ``<out>/textseg.json`` (``textseg-quick.json`` for --quick), one entry per
 configuration name (``<name>/seed<N>`` for ``--seed N`` other than 0, so repeats accumulate; the seed
 draws the initial weights, the sampling and, below a fraction of 1, which masks are kept), and
 ``textseg.md``: a markdown table of every entry, then the median of each repeated configuration.
@@ -36,16 +38,16 @@ ALL_CONFIGS = (
     "lvit-notext@1.0", "lvit-noepi@0.25", "lvit-nolv@0.25", "lvit-notext@0.25",
 )  # fmt: skip
 VARIANTS = {
-    # variant: (method, size, with_text, use_epi, use_lv_loss, grounded)
-    "unet2d": ("unet2d", "small", False, False, False, False),
-    "lvit": ("lvit", "small", True, True, True, False),
-    "lvit-large": ("lvit", "large", True, True, True, False),
-    "lvit-notext": ("lvit", "small", False, True, True, False),
-    "lvit-noepi": ("lvit", "small", True, False, True, False),
-    "lvit-nolv": ("lvit", "small", True, True, False, False),
-    "lvit-nosemi": ("lvit", "small", True, False, False, False),  # the labeled images alone
-    "lvit-grounded": ("lvit", "small", True, True, True, True),
-    "lvit-grounded-notext": ("lvit", "small", False, True, True, True),
+    # variant: its `medsight textseg train` options
+    "unet2d": ["--method", "unet2d"],
+    "lvit": ["--method", "lvit"],
+    "lvit-large": ["--method", "lvit", "--size", "large"],
+    "lvit-notext": ["--method", "lvit-notext"],
+    "lvit-noepi": ["--method", "lvit", "--no-epi"],
+    "lvit-nolv": ["--method", "lvit", "--no-lv-loss"],
+    "lvit-nosemi": ["--method", "lvit", "--no-epi", "--no-lv-loss"],  # the labeled images alone
+    "lvit-grounded": ["--method", "lvit", "--grounded"],
+    "lvit-grounded-notext": ["--method", "lvit-notext", "--grounded"],
 }
 
 
@@ -70,13 +72,13 @@ def parse_config(name: str) -> tuple[str, float, float | None]:
 def test_pairs(folder: Path) -> list[tuple[Path, Path, str | None]]:
     """(image, mask, sentence) for every picture in ``folder/img`` of an LViT split folder."""
     from medsight.errors import MedsightError
-    from medsight.tasks.lvit import _lvit_sheet
+    from medsight.tasks.lvit_data import lvit_sheet
     from medsight.text import lookup, read_text_file, require_rows
 
     images = sorted(p for p in (folder / "img").iterdir() if p.is_file() and not p.name.startswith("."))
     if not images:
         raise MedsightError("no images in img/", folder)
-    sheet = _lvit_sheet(folder)
+    sheet = lvit_sheet(folder)
     table = read_text_file(sheet) if sheet else {}
     if sheet:
         require_rows(table, [p.name for p in images], sheet)
@@ -123,36 +125,55 @@ def evaluate(checkpoint: str, folder: Path) -> dict:
     }
 
 
-def run_config(name: str, data: Path, test_folder: Path, runs: Path, args) -> dict:
-    from medsight.tasks.lvit import TextSegConfig, train_textseg
-
+def train_args(name: str, data: Path, out: Path, runs: Path, args) -> list[str]:
+    """The `medsight textseg train` command line of one configuration."""
     variant, fraction, minutes = parse_config(name)
-    minutes = args.minutes if minutes is None or args.quick else minutes
-    method, size, with_text, use_epi, use_lv, grounded = VARIANTS[variant]
+    minutes = args.time_limit if minutes is None or args.quick else minutes
+    options = {
+        "--data": data, "--out": out, "--labeled-fraction": fraction, "--crop": args.crop, "--scale": args.scale,
+        "--batch-size": args.batch_size, "--epochs": args.epochs, "--steps-per-epoch": args.steps_per_epoch,
+        "--seed": args.seed, "--time-limit": minutes, "--patience": args.patience,
+        "--ema-decay": args.ema_decay, "--text-cache": runs / "text_cache",
+    }  # fmt: skip
+    argv = [
+        "textseg",
+        "train",
+        *VARIANTS[variant],
+        "--overwrite",
+        "--progress" if not args.quiet else "--no-progress",
+    ]
+    return argv + [str(x) for key, value in options.items() if value is not None for x in (key, value)]
+
+
+def run_config(name: str, data: Path, test_folder: Path, runs: Path, args) -> dict:
+    """Train through the `medsight textseg train` command itself, then evaluate its best.pt."""
+    from typer.main import get_command
+
+    from medsight.cli.main import app
+
     # one run folder per result key: repeats with other seeds may run at the same time
-    cfg = TextSegConfig(
-        data=str(data), out=str(runs / re.sub(r"[@:/]", "_", result_key(name, args.seed))), method=method, size=size, with_text=with_text,
-        grounded=grounded,
-        labeled_fraction=fraction, use_epi=use_epi, use_lv_loss=use_lv, crop_size=args.crop,
-        image_scale=args.scale, batch_size=args.batch_size, epochs=args.epochs, iters_per_epoch=args.iters,
-        seed=args.seed, time_limit_minutes=minutes, text_cache=str(runs / "text_cache"), overwrite=True,
-        ema_decay=args.ema_decay,
-        progress=not args.quiet,
-    )  # fmt: skip
-    summary = train_textseg(cfg)
+    out = runs / re.sub(r"[@:/]", "_", result_key(name, args.seed))
+    argv = train_args(name, data, out, runs, args)
+    get_command(app).main(argv, prog_name="medsight", standalone_mode=False)
+    summary = json.loads((out / "summary.json").read_text())
+    _, fraction, _ = parse_config(name)
+    minutes = argv[argv.index("--time-limit") + 1] if "--time-limit" in argv else None
     return {
         **evaluate(summary["best"], test_folder),
         "train_seconds": summary["train_seconds"],
-        "best_val_dice_working_scale": summary["best_val_dice"],
+        "best_val_dice_working_scale": summary["best_val_score"],
         "epochs_run": summary["epochs_run"],
         "pseudo_label_rounds": summary["pseudo_label_rounds"],
         "evaluated_folder": str(test_folder),
         "labeled_fraction": fraction,
         "labeled_ids": summary["labeled_ids"],
+        "command": "medsight " + " ".join(argv),
         "settings": {
-            "method": method, "size": size, "with_text": with_text, "grounded": grounded, "use_epi": summary["use_epi"],
-            "use_lv_loss": summary["use_lv_loss"], "minutes": minutes, "crop": args.crop, "scale": args.scale,
+            "method": summary["method"], "size": summary["size"] or "small", "with_text": summary["with_text"],
+            "grounded": "--grounded" in argv, "use_epi": summary["use_epi"], "use_lv_loss": summary["use_lv_loss"],
+            "minutes": None if minutes is None else float(minutes), "crop": args.crop, "scale": args.scale,
             "seed": args.seed, "batch_size": args.batch_size, "ema_decay": args.ema_decay,
+            "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "patience": args.patience,
         },
     }  # fmt: skip
 
@@ -226,11 +247,16 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--configs", default=",".join(ALL_CONFIGS), help="comma-separated configuration names"
     )
-    parser.add_argument("--minutes", type=float, default=15.0, help="training budget per configuration")
+    parser.add_argument(
+        "--time-limit", type=float, default=15.0, help="training budget per configuration, minutes"
+    )
     parser.add_argument(
         "--epochs", type=int, default=1000, help="epoch cap (the time budget usually ends first)"
     )
-    parser.add_argument("--iters", type=int, default=25, help="optimiser steps per epoch")
+    parser.add_argument("--steps-per-epoch", type=int, default=25, help="optimiser steps per epoch")
+    parser.add_argument(
+        "--patience", type=int, default=1000, help="epochs without a better validation Dice before stopping"
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--crop", type=int, default=128, help="training crop at the working scale")
     parser.add_argument("--scale", type=float, default=0.5, help="working scale (MoNuSeg 1000 px -> 500 px)")
@@ -262,7 +288,7 @@ def main(argv=None) -> dict:
             from medsight.datasets.phantom import write_phantom_dataset
 
             data = write_phantom_dataset(tmp / "phantom", 8, dim=2, seed=args.seed)
-            args.minutes, args.epochs, args.iters, args.crop, args.scale = None, 2, 3, 64, 1.0
+            args.time_limit, args.epochs, args.steps_per_epoch, args.crop, args.scale = None, 2, 3, 64, 1.0
         test_folder = args.test_folder or data / "Val_Folder"
         runs = args.runs or tmp / "runs"
         name = "textseg-quick" if args.quick else "textseg"

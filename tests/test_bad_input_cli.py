@@ -85,7 +85,7 @@ def lvit(phantom2d, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("lvit")
     config = TextSegConfig(
-        data=str(phantom2d), out=str(out), epochs=1, iters_per_epoch=1, batch_size=1,
+        data=str(phantom2d), out=str(out), epochs=1, steps_per_epoch=1, batch_size=1,
         crop_size=128,  # the phantom tiles' own size: the largest crop allowed is accepted
         progress=False,
     )  # fmt: skip
@@ -219,7 +219,7 @@ def test_textseg_train_into_a_file_is_refused_before_reading(cli, phantom2d, tmp
     io.write(Scan(np.zeros((1, 4, 4, 2), np.float32)), target)
     before = target.read_bytes()
     code, _, err = cli(
-        "textseg", "train", "--data", phantom2d, "-o", target, "--epochs", 1, "--iters-per-epoch", 1
+        "textseg", "train", "--data", phantom2d, "-o", target, "--epochs", 1, "--steps-per-epoch", 1
     )
     line = one_error_line(err)
     assert code == 2 and f"{target}: is a file; the run needs a folder" in line
@@ -245,7 +245,7 @@ def test_textseg_crop_larger_than_every_image_is_refused(cli, phantom2d, tmp_pat
     out = tmp_path / "run"
     code, _, err = cli(
         "textseg", "train", "--data", phantom2d, "-o", out, "--crop", 256, "--scale", 0.25,
-        "--epochs", 1, "--iters-per-epoch", 1, "--batch-size", 1,
+        "--epochs", 1, "--steps-per-epoch", 1, "--batch-size", 1,
     )  # fmt: skip
     line = one_error_line(err)
     assert code == 2 and f"{phantom2d}: crop 256 px is larger than every training image" in line

@@ -12,10 +12,10 @@ import torch
 from medsight import io
 from medsight.errors import MedsightError
 from medsight.models.lvit import PLAM, LViT, lvit
+from medsight.models.registry import build_model_from_config
 from medsight.tasks.lvit import (
     TextSegConfig,
     TextSegPredictor,
-    build_network,
     choose_labeled,
     epi_update,
     lv_loss,
@@ -177,11 +177,12 @@ def test_grounded_lvit_reads_positions_and_checks_its_channels():
 def test_crops_flips_and_rotations_carry_each_pixels_absolute_position():
     """A label that numbers each pixel (row * 1000 + column) goes through the training augmentation
     with the position channels; wherever a pixel lands, its positions must still be its own."""
-    from medsight.tasks.lvit import _augmenter, positions
+    from medsight.models.lvit import positions
+    from medsight.tasks.lvit_data import augmenter
 
     h, w = 40, 50
     numbered = (np.arange(h)[:, None] * 1000 + np.arange(w)[None, :])[None]
-    augment = _augmenter(16, ["image", "label", "positions"])
+    augment = augmenter(16, ["image", "label", "positions"])
     augment.set_random_state(seed=3)
     for _ in range(20):
         out = augment(
@@ -203,7 +204,7 @@ def test_plam_shape_and_gain_bounds():
 
 
 # -- training and inference on the 2D phantom ------------------------------------------------------
-TINY = {"epochs": 2, "iters_per_epoch": 2, "crop_size": 64, "batch_size": 2, "progress": False}
+TINY = {"epochs": 2, "steps_per_epoch": 2, "crop_size": 64, "batch_size": 2, "progress": False}
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +234,7 @@ def test_run_records_the_labeled_subset_and_uses_both_losses(trained):
     assert payload["data"]["labeled_ids"] == trained["labeled_ids"]
     assert payload["model"]["name"] == "lvit" and payload["text"]["used_by_model"]
     history = pd.read_csv(Path_of(trained) / "metrics.csv")
-    assert {"epi_loss", "lv_loss", "val_dice"} <= set(history.columns)
+    assert {"epi_loss", "lv_loss", "val_mean_dice"} <= set(history.columns)
     assert (Path_of(trained) / "training_curve.png").is_file()
 
 
@@ -272,7 +273,7 @@ def test_grounded_run_trains_and_predicts(phantom, tmp_path):
 def test_weight_average_is_what_the_checkpoint_holds(phantom, tmp_path, monkeypatch):
     """Two optimiser steps with decay 0.9: the first update copies w1, the second uses the warm-up
     decay d = min(0.9, 2/11), so the saved weights are d * w1 + (1 - d) * w2."""
-    import medsight.engine.train as engine
+    import medsight.engine.loop as engine
     from medsight.engine import checkpoint
 
     snapshots = []
@@ -281,14 +282,9 @@ def test_weight_average_is_what_the_checkpoint_holds(phantom, tmp_path, monkeypa
     def recording_adamw(parameters, lr):
         parameters = list(parameters)
         optimiser = plain_adamw(parameters, lr)
-        step = optimiser.step
-
-        def recorded_step(*args, **kwargs):
-            result = step(*args, **kwargs)
-            snapshots.append([p.detach().clone() for p in parameters])
-            return result
-
-        optimiser.step = recorded_step
+        optimiser.register_step_post_hook(
+            lambda *_: snapshots.append([p.detach().clone() for p in parameters])
+        )
         return optimiser
 
     monkeypatch.setattr(engine, "adamw", recording_adamw)
@@ -300,7 +296,7 @@ def test_weight_average_is_what_the_checkpoint_holds(phantom, tmp_path, monkeypa
     decay = 2 / 11
     payload = checkpoint.load(summary["last"])
     saved = payload["state_dict"]
-    names = [name for name, _ in build_network(payload["model"]).named_parameters()]
+    names = [name for name, _ in build_model_from_config(payload["model"]).named_parameters()]
     for name, w1, w2 in zip(names, *snapshots, strict=True):
         torch.testing.assert_close(saved[name], decay * w1 + (1 - decay) * w2, rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(w1, w2) for w1, w2 in zip(*snapshots, strict=True))  # training moved them
@@ -320,7 +316,7 @@ def test_interrupted_run_resumes_as_an_unbroken_one(phantom, tmp_path, monkeypat
     """Stopped after epoch 3 of 5, with pseudo-labels refreshed at epochs 1, 3 and 5: the resumed run
     must restore the weights, their average, the optimiser and the EPI running pseudo-labels, or its
     fifth-epoch pseudo-labels (and so its weights) differ from the unbroken run's."""
-    import medsight.engine.train as engine
+    import medsight.engine.loop as engine
     from medsight.engine import checkpoint
 
     options = dict(data=str(phantom), labeled_fraction=0.5, warmup_fraction=0.0, ema_decay=0.9,
@@ -340,7 +336,7 @@ def test_interrupted_run_resumes_as_an_unbroken_one(phantom, tmp_path, monkeypat
     monkeypatch.setattr(engine, "save_epoch", plain_save_epoch)
     with pytest.raises(MedsightError, match="pass --resume to continue it or --overwrite"):
         train_textseg(TextSegConfig(out=str(tmp_path / "b"), **options))
-    with pytest.raises(MedsightError, match=r"other options \(--lr, --seed\)"):
+    with pytest.raises(MedsightError, match=r"other options \(--seed, --lr\)"):
         train_textseg(
             TextSegConfig(out=str(tmp_path / "b"), resume=True, **{**options, "seed": 1, "lr": 1e-3})
         )
@@ -373,7 +369,7 @@ def test_a_run_older_than_the_weight_average_resumes_only_without_it(phantom, tm
 
 
 def test_resuming_a_run_that_used_its_budget_trains_nothing(phantom, tmp_path, capsys):
-    options = dict(data=str(phantom), out=str(tmp_path / "run"), time_limit_minutes=1e-4,
+    options = dict(data=str(phantom), out=str(tmp_path / "run"), time_limit=1e-4,
                    text_cache=str(tmp_path / "cache"), **TINY)  # fmt: skip
     first = train_textseg(TextSegConfig(**options))
     assert first["epochs_run"] == 1  # the budget is gone after the first epoch
@@ -472,8 +468,8 @@ def test_unlabeled_images_improve_on_the_labeled_ones_alone(tmp_path):
         io.write(noisy, path, overwrite=True)
         mask = io.read(path.parent.parent / "labelcol" / path.name).array[0] > 0
         np.testing.assert_array_equal(mask, label.array[0] > 0)  # the noise leaves the nuclei where they were
-    common = dict(data=str(data), labeled_fraction=0.2, epochs=16, iters_per_epoch=4, crop_size=64, batch_size=4,
-                  progress=False, pseudo_every=1, text_cache=str(tmp_path / "cache"))  # fmt: skip
+    common = dict(data=str(data), labeled_fraction=0.2, epochs=16, steps_per_epoch=4, crop_size=64, batch_size=4,
+                  progress=False, pseudo_every=1, patience=100, text_cache=str(tmp_path / "cache"))  # fmt: skip
     supervised = train_textseg(
         TextSegConfig(out=str(tmp_path / "sup"), use_epi=False, use_lv_loss=False, **common)
     )
@@ -483,9 +479,11 @@ def test_unlabeled_images_improve_on_the_labeled_ones_alone(tmp_path):
     assert semi["pseudo_label_rounds"] == 8  # second half of 16 epochs, one round per epoch
     sup_log = pd.read_csv(tmp_path / "sup" / "metrics.csv")
     semi_log = pd.read_csv(tmp_path / "semi" / "metrics.csv")
-    np.testing.assert_allclose(semi_log.val_dice[:8], sup_log.val_dice[:8], atol=1e-6)  # same warm-up
+    np.testing.assert_allclose(
+        semi_log.val_mean_dice[:8], sup_log.val_mean_dice[:8], atol=1e-6
+    )  # same warm-up
     assert semi_log.epi_loss[8:].notna().all() and semi_log.lv_loss[8:].notna().all()
-    assert semi["best_val_dice"] >= supervised["best_val_dice"] + 0.01
+    assert semi["best_val_mean_dice"] >= supervised["best_val_mean_dice"] + 0.01
 
 
 def test_test_time_rotations_and_mirrors_average_the_eight_views():
@@ -509,3 +507,18 @@ def test_test_time_rotations_and_mirrors_average_the_eight_views():
     assert tta.shape == plain.shape == (2, 20, 28)
     np.testing.assert_allclose(tta, expected.numpy(), atol=1e-5)
     assert np.abs(tta - plain).max() > 1e-3  # the kernel is not symmetric: the views differ
+
+
+def test_textseg_is_a_task_of_the_loop_and_lvit_a_registered_model():
+    from medsight.engine.loop import MedsightTask
+    from medsight.models.registry import MODELS, build_model
+    from medsight.tasks.lvit import TextSegTask
+    from medsight.tasks.registry import get_task
+
+    assert get_task("textseg").resolve("module_class") is TextSegTask
+    assert issubclass(TextSegTask, MedsightTask)
+    assert MODELS["lvit"].input_kind == "2d"
+    net = build_model("lvit", 3, 2, size="small", with_text=False)
+    assert isinstance(net, LViT) and not net.with_text
+    with pytest.raises(MedsightError, match="lvit size must be one of"):
+        TextSegTask(TextSegConfig(data="x", size="huge"))

@@ -177,13 +177,14 @@ def test_registry_entries_and_input_kinds():
         "unet2d": "2d",
         "context25d": "2.5d",
         "unet3d": "3d",
+        "lvit": "2d",
     }
     assert MODELS["context25d"].slices({"slices": 7}) == 7
     assert MODELS["context25d"].slices({}) == 5
 
 
 def test_unknown_model_lists_valid_names():
-    with pytest.raises(UnknownModelError, match="context25d, unet2d, unet3d") as info:
+    with pytest.raises(UnknownModelError, match="context25d, lvit, unet2d, unet3d") as info:
         build_model("vnet", 1, 2)
     assert isinstance(info.value, MedsightError) and isinstance(info.value, ValueError)
 

@@ -53,19 +53,28 @@ def train(
         help="lvit: give the tokens that meet the words their absolute position in the whole image, "
         "so sentences about where things are can be tied to crops and windows.",
     ),
-    minutes: float = typer.Option(None, "--minutes", help="Wall-clock training budget in minutes."),
-    epochs: int = typer.Option(40, min=1),
-    iters_per_epoch: int = typer.Option(25, min=1, help="Optimiser steps per epoch."),
-    batch_size: int = typer.Option(4, min=1),
     crop: int = typer.Option(128, "--crop", min=16, help="Training crop size (pixels at the working scale)."),
     scale: float = typer.Option(1.0, "--scale", help="Working scale: 0.5 trains and predicts at half size."),
+    text_cache: Path = typer.Option(
+        None, "--text-cache", help="Folder to cache sentence embeddings in (default: <out>/text_cache)."
+    ),
+    epochs: int = typer.Option(40, min=1),
+    steps_per_epoch: int = typer.Option(25, min=1, help="Optimiser steps per epoch."),
+    batch_size: int = typer.Option(4, min=1),
     lr: float = typer.Option(2e-3),
-    seed: int = typer.Option(0, help="Seeds the labeled subset, the weights and the sampling."),
+    time_limit: float = typer.Option(
+        None, help="Training budget in minutes; stops after the epoch that passes it."
+    ),
+    patience: int = typer.Option(10, help="Stop after this many epochs without a better validation Dice."),
+    seed: int = typer.Option(0, help="Seeds the split, the labeled subset, the weights and the sampling."),
     ema_decay: float = typer.Option(
         0.999,
         "--ema-decay",
         help="Validate, pseudo-label and save a moving average of the weights with this decay (0: off).",
     ),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("auto", help="auto (mixed on CUDA, 32 on CPU), 32, 16-mixed, bf16-mixed."),
+    num_workers: int = typer.Option(0, min=0, help="DataLoader processes sampling training batches."),
     out: Path = typer.Option(
         Path("runs/textseg"), "-o", "--out", help="Run folder: checkpoints, metrics, curve."
     ),
@@ -73,28 +82,42 @@ def train(
     resume: bool = typer.Option(
         False, help="Continue the run in --out from its last epoch (same options as when it started)."
     ),
+    progress: bool = typer.Option(True, help="Progress bars and a line per epoch."),
 ) -> None:
     """Train on the train split, keep the checkpoint with the best Dice on the validation split."""
-    from medsight.errors import MedsightError
-    from medsight.tasks.lvit import TextSegConfig, train_textseg
+    from medsight.tasks.lvit import train_textseg
 
+    summary = train_textseg(_config(dict(locals())))
+    if summary["rank"] == 0:
+        typer.echo(
+            f"best validation Dice {summary['best_val_mean_dice']:.4f} ({len(summary['labeled_ids'])} labeled, "
+            f"{len(summary['unlabeled_ids'])} unlabeled images)  ->  {summary['best']}"
+        )
+
+
+# `textseg train` options named as TextSegConfig's fields (the others are mapped in _config)
+SAME_NAMES = {"epochs", "steps_per_epoch", "batch_size", "lr", "time_limit", "patience", "seed", "ema_decay",
+              "device", "precision", "num_workers", "overwrite", "resume", "progress", "size", "grounded",
+              "labeled_fraction"}  # fmt: skip
+
+
+def _config(options: dict):
+    """`textseg train`'s options -> TextSegConfig: --method lvit-notext is lvit without text, and
+    --epi/--lv-loss default to on except for unet2d."""
+    from medsight.errors import MedsightError
+    from medsight.tasks.lvit import TextSegConfig
+
+    method = options["method"]
     if method not in METHOD_CHOICES:
         raise MedsightError(f"unknown method '{method}'; choose one of {', '.join(METHOD_CHOICES)}")
-    semi_default = method != "unet2d"
-    summary = train_textseg(
-        TextSegConfig(
-            data=str(data), out=str(out), method="unet2d" if method == "unet2d" else "lvit", size=size,
-            with_text=method == "lvit", grounded=grounded, labeled_fraction=labeled_fraction,
-            use_epi=semi_default if epi is None else epi, use_lv_loss=semi_default if lv_loss is None else lv_loss,
-            crop_size=crop, image_scale=scale, batch_size=batch_size, epochs=epochs,
-            iters_per_epoch=iters_per_epoch, lr=lr, seed=seed, time_limit_minutes=minutes, overwrite=overwrite,
-            resume=resume, ema_decay=ema_decay,
-        )
+    semi = method != "unet2d"
+    epi, lv_loss, cache = options["epi"], options["lv_loss"], options["text_cache"]
+    return TextSegConfig(
+        **{k: options[k] for k in SAME_NAMES}, data=str(options["data"]), out=str(options["out"]),
+        method="unet2d" if method == "unet2d" else "lvit", with_text=method == "lvit",
+        use_epi=semi if epi is None else epi, use_lv_loss=semi if lv_loss is None else lv_loss,
+        crop_size=options["crop"], image_scale=options["scale"], text_cache=None if cache is None else str(cache),
     )  # fmt: skip
-    typer.echo(
-        f"best validation Dice {summary['best_val_dice']:.4f} ({len(summary['labeled_ids'])} labeled, "
-        f"{len(summary['unlabeled_ids'])} unlabeled images)  ->  {summary['best']}"
-    )
 
 
 def _expand(inputs: list[Path]) -> list[Path]:

@@ -311,6 +311,7 @@ class MedsightTask(L.LightningModule):
         self.best_score = -float("inf")
         self.elapsed = 0.0  # training seconds at the start of the epoch, the same on every rank
         self._losses: list[float] = []
+        self.resumed: dict[str, Any] | None = None  # the run's last.pt when resuming, before prepare()
 
     # what a task provides
     def prepare(self) -> None:
@@ -333,6 +334,21 @@ class MedsightTask(L.LightningModule):
     def summary_of(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Task-specific entries of the summary, from the checkpoint payload."""
         return {}
+
+    def resume_only(self) -> dict[str, Any] | None:
+        """Bulky training state that only a resumed run needs: joins ``last.pt``, not ``best.pt``."""
+        return None
+
+    def scored_model(self) -> torch.nn.Module:
+        """The network validation scores and the checkpoints hold: the weight average when the run
+        keeps one (its copy of ``self.model``), else ``self.model``. Outside validation, where
+        Lightning swaps the average in."""
+        average = next(
+            (c for c in self.trainer.callbacks if isinstance(c, L.pytorch.callbacks.WeightAveraging)), None
+        )
+        if average is None or average._average_model is None:
+            return self.model
+        return average._average_model.module.model
 
     # what the loop provides
     def train_dataloader(self):
@@ -461,7 +477,10 @@ class _RunFiles(Checkpoint):
             return  # no validation this epoch
         if trainer.is_global_zero:
             payload = self.payload(trainer, task)
-            save_epoch(self.out, payload, task.history, task.last_score, task.improved, self.cfg.progress)
+            save_epoch(
+                self.out, payload, task.history, task.last_score, task.improved, self.cfg.progress,
+                task.resume_only(),
+            )  # fmt: skip
 
     def on_train_end(self, trainer, task) -> None:
         stopper = next(
@@ -576,7 +595,9 @@ def fit(task: MedsightTask, cfg: LoopConfig) -> dict[str, Any]:
             print(f"nothing to resume in {out}: {saved['training']['stopped']}")
         training = saved["training"]
         return _summary(task, out, saved, training["history"], training["best"], 0.0, rank)
+    task.resumed = saved
     task.prepare()
+    task.resumed = None  # the weight average deep-copies the task: no second copy of the payload
     if rank == 0:  # made only now, so a run refused over its data or options leaves no folder behind
         out.mkdir(parents=True, exist_ok=True)
         if saved is None:  # a new run: Lightning would version its files beside a previous run's

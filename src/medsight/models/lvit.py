@@ -39,13 +39,24 @@ stem, 16 without), and to at least twice that, and the output is cropped back.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from medsight.models.blocks import conv_norm_act2d, pad_to_multiple
 
-__all__ = ["LVIT_SIZES", "PLAM", "LViT", "lvit"]
+__all__ = [
+    "LVIT_SIZES",
+    "PLAM",
+    "LViT",
+    "forward",
+    "lv_loss",
+    "lvit",
+    "positions",
+    "predict_probabilities",
+    "pseudo_label_loss",
+]
 
 TEXT_DIM = 384
 LVIT_SIZES = {
@@ -254,3 +265,117 @@ def lvit(
     if size not in LVIT_SIZES:
         raise ValueError(f"size must be one of {', '.join(LVIT_SIZES)}, not {size!r}")
     return LViT(in_channels, num_classes, with_text=with_text, grounded=grounded, **LVIT_SIZES[size])
+
+
+# -- losses of the semi-supervised half (tasks/lvit.py) ---------------------------------------------
+def lv_loss(probabilities, matched, grid: int = 4, valid=None):
+    """``1 - cos(pool(p_fg), pool(onehot(matched)_fg))`` averaged over the valid images.
+
+    ``probabilities (B, K, H, W)`` (softmax), ``matched (B, H, W)`` class indices of the text-matched
+    labeled mask, ``valid (B,)`` bool (images without a match contribute nothing). Foreground
+    classes are average-pooled onto a ``grid x grid`` map, so the loss asks for the same *layout* of
+    density, not the same pixels.
+    """
+    k = probabilities.shape[1]
+    reference = F.one_hot(matched.long().clamp(0, k - 1), k).permute(0, 3, 1, 2).to(probabilities.dtype)
+    pred = F.adaptive_avg_pool2d(probabilities[:, 1:], grid).flatten(1)
+    ref = F.adaptive_avg_pool2d(reference[:, 1:], grid).flatten(1)
+    per_image = 1.0 - F.cosine_similarity(pred, ref, dim=1, eps=1e-6)
+    if valid is None:
+        return per_image.mean()
+    valid = valid.to(per_image.dtype)
+    return (per_image * valid).sum() / valid.sum().clamp_min(1.0) if valid.any() else per_image.sum() * 0.0
+
+
+def pseudo_label_loss(logits, target, threshold: float = 0.7):
+    """Cross-entropy plus foreground Dice towards the pseudo-labels' most likely class, on the pixels
+    whose pseudo-label probability reaches ``threshold`` (``target (B, K, H, W)``; padded pixels,
+    all-zero, never qualify). Training on confident hard labels rather than on the blurred average
+    keeps an early, unsure teacher from pulling every pixel towards 0.5."""
+    confidence, hard = target.max(dim=1)
+    keep = (confidence >= threshold).to(logits.dtype)
+    kept = keep.sum()
+    if kept == 0:
+        return logits.sum() * 0.0
+    ce = (F.cross_entropy(logits, hard, reduction="none") * keep).sum() / kept
+    probs = torch.softmax(logits, dim=1)[:, 1:] * keep[:, None]
+    onehot = F.one_hot(hard, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(logits.dtype) * keep[:, None]
+    dice = 1.0 - (2 * (probs * onehot).sum() + 1e-5) / (probs.sum() + onehot.sum() + 1e-5)
+    return ce + dice
+
+
+# -- inputs and inference ---------------------------------------------------------------------------
+def uses_text(model) -> bool:
+    return isinstance(model, LViT) and model.with_text
+
+
+def is_grounded(model) -> bool:
+    return isinstance(model, LViT) and model.grounded
+
+
+def positions(shape: tuple[int, ...]) -> np.ndarray:
+    """(2, h, w): every pixel's row and column in the whole image, scaled to [-1, 1]. Spatial
+    augmentation moves these channels with the image, so a crop keeps knowing where it came from."""
+    rows, cols = (np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shape[-2:])
+    return np.stack(np.meshgrid(rows, cols, indexing="ij"))
+
+
+def forward(model, x, tokens=None, mask=None):
+    """Logits for a batch; text goes only to a text-taking network."""
+    if uses_text(model) and tokens is not None:
+        return model(x, tokens, mask)
+    return model(x)
+
+
+def predict_probabilities(
+    model, image: np.ndarray, text=None, roi: int = 256, batch: int = 4, tta: bool = False
+) -> np.ndarray:
+    """(C, h, w) -> (K, h, w) class probabilities by MONAI's Gaussian-weighted sliding window.
+
+    ``tta`` averages the probabilities over the eight rotations and mirror images of the input
+    (each mapped back), the same dihedral group the training crops are drawn from, so every view is
+    one the network has learned; it costs eight passes.
+    """
+    import warnings
+
+    from monai.inferers import sliding_window_inference
+
+    from medsight.engine.tta import average_over_views, dihedral_views
+
+    device = next(model.parameters()).device
+    tokens = mask = None
+    if text is not None and text.has_text:
+        tokens = torch.from_numpy(text.tokens)[None].to(device)
+        mask = torch.from_numpy(text.mask)[None].to(device)
+
+    def predictor(window):
+        n = window.shape[0]
+        if tokens is None:
+            return forward(model, window)
+        return forward(model, window, tokens.expand(n, -1, -1), mask.expand(n, -1))
+
+    if is_grounded(model):
+        image = np.concatenate([image, positions(image.shape)])
+
+    def one_view(view: np.ndarray) -> np.ndarray:
+        logits = sliding_window_inference(
+            torch.from_numpy(view.astype(np.float32))[None],
+            (roi, roi),
+            batch,
+            predictor,
+            overlap=0.25,
+            mode="gaussian",
+            sw_device=device,
+            device="cpu",
+        )
+        return torch.softmax(torch.as_tensor(logits).float(), dim=1)[0].numpy()
+
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # MONAI 1.5 indexes with a list internally, which torch 2.x deprecates: nothing to act on
+            warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)
+            return average_over_views(one_view, image, dihedral_views() if tta else dihedral_views()[:1])
+    finally:
+        model.train(training)

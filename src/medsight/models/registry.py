@@ -21,6 +21,7 @@ from torch import nn
 from medsight.errors import MedsightError
 from medsight.models.baselines import unet2d, unet3d
 from medsight.models.context25d import Context25D
+from medsight.models.lvit import lvit
 
 __all__ = [
     "MODELS",
@@ -73,6 +74,12 @@ MODELS: dict[str, ModelSpec] = {
             "context-aware 2.5D network: 3D encoder over a slice stack, ASPP, depthwise-separable decoder",
         ),
         ModelSpec("unet3d", unet3d, "3d", "MONAI residual U-Net on volumes"),
+        ModelSpec(
+            "lvit",
+            lvit,
+            "2d",
+            "LViT: CNN and ViT branches side by side, text fused into the ViT (`medsight textseg`)",
+        ),
     )
 }
 

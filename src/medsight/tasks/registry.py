@@ -55,7 +55,7 @@ register_task(
     "medsight.cli.fewshot:register", "a few-shot model", "medsight fewshot",
 )  # fmt: skip
 register_task(
-    "textseg", None, "medsight.tasks.lvit:TextSegPredictor", "medsight.cli.textseg:register",
+    "textseg", "medsight.tasks.lvit:TextSegTask", "medsight.tasks.lvit:TextSegPredictor", "medsight.cli.textseg:register",
     "a text-guided model", "medsight textseg predict",
 )  # fmt: skip
 register_task(
