@@ -136,7 +136,7 @@ def test_labeled_cases_never_touch_the_validation_split(phantom):
         data = prepare_data(
             SegmentationConfig(method="unet2d", data=str(phantom), val_fraction=0.25, seed=seed, split_seed=0,
                                labeled_cases=2),
-            slice_wise=True, progress=False,
+            kind="2d", progress=False,
         )  # fmt: skip
         assert data["val_ids"] == full_val and len(data["val"]) == len(full_val)
         assert len(data["train_ids"]) == 2 == len(data["train"])
