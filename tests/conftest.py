@@ -26,3 +26,18 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Training caches preprocessed cases under $MEDSIGHT_CACHE (default ~/.cache/medsight): tests
+    use a folder of their own so they neither read a user's cache nor leave one behind."""
+    import os
+
+    previous = os.environ.get("MEDSIGHT_CACHE")
+    os.environ["MEDSIGHT_CACHE"] = str(tmp_path_factory.mktemp("medsight-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MEDSIGHT_CACHE", None)
+    else:
+        os.environ["MEDSIGHT_CACHE"] = previous

@@ -44,7 +44,8 @@ def test_folder_of_studies_gives_one_case_each(tmp_path):
 @pytest.mark.skipif(not (DATA / "tcia-pgbm-001").is_dir(), reason="../shared/data is not available")
 def test_real_tcia_study():
     ds = open_dataset(DATA / "tcia-pgbm-001")
-    assert ds.layout == "dicom-study" and ds.channel_names == ["FLAIR", "T1post"]
+    # channels are named by SeriesDescription (the FLAIR folder's series says "FLAIR_reg")
+    assert ds.layout == "dicom-study" and ds.channel_names == ["FLAIR_reg", "T1post"]
     assert ds.cases[0].label.name == "MaskTumor"
     facts = fingerprint(ds, progress=False)
     assert facts["cases"] == 1 and not facts["problems"]
