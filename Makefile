@@ -22,11 +22,11 @@ lint: setup
 	$(BIN)/ruff format --check src tests benchmarks
 
 test: lint
-	$(BIN)/python -m pytest -q -n 2  # one worker per core (tests set one torch thread each)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2  # one worker per core, one thread each
 
 # the edit loop: everything but the tests marked slow (those train a model)
 test-fast: lint
-	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
