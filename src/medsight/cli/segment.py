@@ -77,6 +77,11 @@ def train(
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", help="auto (mixed on CUDA, 32 on CPU), 32, 16-mixed, bf16-mixed."),
     num_workers: int = typer.Option(0, min=0, help="DataLoader processes sampling training batches."),
+    cache: Path = typer.Option(
+        None,
+        "--cache",
+        help="Folder of preprocessed cases, reused across runs (default: $MEDSIGHT_CACHE or ~/.cache/medsight).",
+    ),
     layout: str = typer.Option(None, help="Force a dataset layout instead of detecting it."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
@@ -114,6 +119,7 @@ def train(
     keep = {f for f in SegmentationConfig.__dataclass_fields__} - {"layout_options", "model_kwargs"}
     settings = {k: v for k, v in options.items() if k in keep}
     settings.update(data=str(data), out=str(out), mirror_axes=axes, patch_size=patch)
+    settings.update(cache=str(cache) if cache else None)
     summary = run(SegmentationConfig(**settings))
     if summary["rank"] == 0:
         typer.echo(f"best validation mean Dice {summary['best_val_mean_dice']:.4f}  ->  {summary['best']}")

@@ -8,22 +8,19 @@ coordinates per class, nnU-Net's ``class_locations``, so the sampler never scans
 the arrays (``np.load(mmap_mode="r")``) and reads only the patches it samples, in DataLoader worker
 processes, so memory stays flat in the number of cases.
 
-How a trainer uses it::
+How a trainer uses it (tasks/segmentation.py does this inside the training loop)::
 
-    from medsight.engine.cache import CaseCache, PatchDataset, fit_preprocessing, make_loader
+    from medsight.engine.cache import CaseCache, fit_preprocessing, patch_sampler
 
     pre, values = fit_preprocessing(dataset, train_ids, slice_wise=kind != "3d")  # one case at a time
     cache = CaseCache(None, pre, values)  # None: $MEDSIGHT_CACHE, else ~/.cache/medsight
     train_cases = cache.build(dataset, train_ids)  # reuses what an earlier run wrote
     val_cases = cache.build(dataset, val_ids)
-    data = PatchDataset(train_cases, kind, patch, slices, batch_size=2, steps=250, seed=cfg.seed,
-                        rank=rank, slice_axis=pre.slice_axis, augmentation="spatial")
-    for epoch in range(epochs):
-        data.set_epoch(epoch)
-        for x, y in make_loader(data, num_workers=2):  # torch tensors (B, C, *patch), (B, *patch)
-            ...
-        for case in val_cases:  # validation holds one case in memory at a time
-            image, label = case.load()
+    sampler = patch_sampler(train_cases, kind, patch, slices, slice_axis=pre.slice_axis)
+    sampler.rng = np.random.default_rng([seed, rank, epoch, step])  # one stream per batch
+    x, y = sampler.batch(batch_size)  # reads only the sampled windows of the memory-mapped cases
+    for case in val_cases:  # validation holds one case in memory at a time
+        image, label = case.load()
 
 Cache layout: ``<root>/v<version>-<hash of the preprocessing and classes>/<case id>.<key>/``, where the
 key hashes the preprocessing, the classes, the case's source files (paths, sizes, modification times)
@@ -32,10 +29,10 @@ A case is written into a temporary sibling folder and renamed into place, so an 
 leaves no partial case, and builders running at once (DDP ranks, which start at different cases)
 never see each other's half-written files: the first rename wins, the others discard their copy.
 
-Batches are drawn by :class:`~medsight.engine.sampling.PatchSampler` (foreground oversampling) and
-:class:`~medsight.engine.augment.Augmenter`. Batch ``i`` of an epoch draws from its own random stream,
-seeded by (seed, rank, epoch, i): the batches are the same whatever the number of workers, and a
-resumed run draws what an unbroken one would.
+Batches are drawn by :func:`patch_sampler` (a :class:`~medsight.engine.sampling.PatchSampler` with
+foreground oversampling from the stored class locations) in the training loop's DataLoader workers,
+each batch from its own random stream (engine/loop.py), so the batches are the same whatever the
+number of workers, and a resumed run draws what an unbroken one would.
 """
 
 from __future__ import annotations
@@ -337,108 +334,44 @@ class _Locations(Sequence):
         return np.asarray(row)[self.order]
 
 
-def _torch_dataset_base():
-    from torch.utils.data import IterableDataset
+def patch_sampler(
+    cases: list[CachedCase],
+    kind: str,
+    patch: tuple[int, ...],
+    slices: int = 1,
+    fg_fraction: float = 0.33,
+    mirror_axes=(),
+    slice_axis: int = 2,
+):
+    """A :class:`~medsight.engine.sampling.PatchSampler` over cached cases: it maps each case's files
+    for the sample it draws and takes foreground centres from the stored class locations, so it
+    never holds or scans a whole volume. Set its ``rng`` before each batch (the training loop seeds
+    one stream per batch: :class:`medsight.engine.loop.MedsightTask`). Pickles as the case folders."""
+    from medsight.engine.sampling import PatchSampler
 
-    return IterableDataset
-
-
-class PatchDataset(_torch_dataset_base()):
-    """Training batches drawn from cached cases: iterating yields ``steps`` batches (x float32
-    (B, C, [k,] *patch), y int64 (B, *patch)), split over the DataLoader's workers. ``kind``,
-    ``patch``, ``slices``, ``fg_fraction``, ``mirror_axes`` and ``slice_axis`` mean what they mean
-    to :class:`~medsight.engine.sampling.PatchSampler`; ``augmentation`` is an
-    :class:`~medsight.engine.augment.Augmenter` level. Call :meth:`set_epoch` before each epoch."""
-
-    def __init__(
-        self,
-        cases: list[CachedCase],
-        kind: str,
-        patch: tuple[int, ...],
-        slices: int = 1,
-        batch_size: int = 2,
-        steps: int = 50,
-        seed: int = 0,
-        rank: int = 0,
-        epoch: int = 0,
-        fg_fraction: float = 0.33,
-        mirror_axes=(),
-        slice_axis: int = 2,
-        augmentation: str = "none",
-    ):
-        if not cases:
-            raise MedsightError("no cases to sample from")
-        self.cases, self.kind, self.patch, self.slices = cases, kind, tuple(patch), slices
-        self.batch_size, self.steps, self.seed, self.rank, self.epoch = batch_size, steps, seed, rank, epoch
-        self.fg_fraction, self.mirror_axes, self.slice_axis = fg_fraction, tuple(mirror_axes), slice_axis
-        self.augmentation = augmentation
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def sampler(self):
-        from medsight.engine.sampling import PatchSampler
-
-        slice_wise = self.kind != "3d"
-        axes = [a for a in range(3) if a != self.slice_axis] + [self.slice_axis] if slice_wise else [0, 1, 2]
-        locations = [
-            [_Locations(case, value, axes) for value in case.meta["locations"]] for case in self.cases
-        ]
-        return PatchSampler(
-            _Arrays(self.cases, "image", self.slice_axis if slice_wise else None),
-            _Arrays(self.cases, "label", self.slice_axis if slice_wise else None),
-            self.kind,
-            self.patch,
-            self.slices,
-            rng=None,
-            fg_fraction=self.fg_fraction,
-            mirror_axes=self.mirror_axes,
-            slice_axis=self.slice_axis,
-            class_locations=locations,
-        )
-
-    def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Batch ``index`` of the current epoch (what iterating yields at that position)."""
-        return self._draw(self.sampler(), self._augmenter(), index)
-
-    def _augmenter(self):
-        from medsight.engine.augment import Augmenter
-
-        return Augmenter(self.kind, self.augmentation, self.patch)
-
-    def _draw(self, sampler, augmenter, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, self.rank, self.epoch, index])
-        sampler.rng = rng
-        return augmenter(*sampler.batch(self.batch_size), rng)
-
-    def __iter__(self):
-        from torch.utils.data import get_worker_info
-
-        info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        sampler, augmenter = self.sampler(), self._augmenter()
-        # The DataLoader asks its workers in turn, so worker w's j-th batch is batch w + j * workers.
-        for index in range(worker, self.steps, workers):
-            yield self._draw(sampler, augmenter, index)
-
-
-def _one_thread(_worker: int) -> None:
-    import torch
-
-    torch.set_num_threads(1)  # workers share the cores with the training process
-
-
-def make_loader(dataset: PatchDataset, num_workers: int = 2):
-    """A DataLoader over a :class:`PatchDataset`: each item is one (x, y) batch as torch tensors."""
-    from torch.utils.data import DataLoader
-
-    return DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=num_workers,
-        worker_init_fn=_one_thread if num_workers else None,
-        prefetch_factor=2 if num_workers else None,
+    if not cases:
+        raise MedsightError("no cases to sample from")
+    slice_wise = kind != "3d"
+    axes = [a for a in range(3) if a != slice_axis] + [slice_axis] if slice_wise else [0, 1, 2]
+    locations = [[_Locations(case, value, axes) for value in case.meta["locations"]] for case in cases]
+    return PatchSampler(
+        _Arrays(cases, "image", slice_axis if slice_wise else None),
+        _Arrays(cases, "label", slice_axis if slice_wise else None),
+        kind,
+        tuple(patch),
+        slices,
+        rng=None,
+        fg_fraction=fg_fraction,
+        mirror_axes=mirror_axes,
+        slice_axis=slice_axis,
+        class_locations=locations,
     )
+
+
+def class_counts(cases: list[CachedCase], n_classes: int) -> np.ndarray:
+    """Voxels per class over the cases, from their stored meta (no label is read)."""
+    total = np.zeros(n_classes, np.int64)
+    for case in cases:
+        counts = case.meta["class_counts"]
+        total[: len(counts)] += counts
+    return total

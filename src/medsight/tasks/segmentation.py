@@ -35,6 +35,7 @@ class SegmentationConfig(LoopConfig):
     # Spatial axes along which mirror images are anatomically plausible and keep their label names.
     mirror_axes: list[int] = field(default_factory=list)
     max_val_cases: int | None = None
+    cache: str | None = None  # folder of preprocessed cases; None: $MEDSIGHT_CACHE or ~/.cache/medsight
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -49,37 +50,24 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[fl
 
 
 def class_weights(labels: list[np.ndarray], n_classes: int) -> list[float]:
+    """:func:`weights_from_counts` of the voxels of each class in ``labels``."""
+    return weights_from_counts(np.bincount(np.concatenate([y.ravel() for y in labels]), minlength=n_classes))
+
+
+def weights_from_counts(counts) -> list[float]:
     """Log-damped inverse frequency, ``1 + ln(f_background / f_c)``: small lesions weigh more, but
     not by the raw frequency ratio (hundreds for a small lesion), which makes the network paint
     foreground everywhere early in training."""
-    counts = np.bincount(np.concatenate([y.ravel() for y in labels]), minlength=n_classes).astype(float)
-    counts = np.maximum(counts, 1.0)
+    counts = np.maximum(np.asarray(counts, dtype=float), 1.0)
     return [1.0] + [float(1.0 + np.log(max(counts[0] / c, 1.0))) for c in counts[1:]]
 
 
-def _label_lookup(values: list[int]) -> np.ndarray:
-    """Stored label value -> class index (0..K-1), so non-contiguous label sets train too."""
-    lut = np.zeros(max(values) + 1, np.int64)
-    lut[values] = np.arange(len(values))
-    return lut
-
-
-def _read_cases(dataset, ids, what: str, progress: bool) -> list:
-    from tqdm import tqdm
-
-    pairs = []
-    for cid in tqdm(ids, desc=f"reading {what}", disable=not progress, leave=False):
-        image, label = dataset.load_case(dataset.case(cid))
-        if label is None:
-            raise MedsightError(f"case '{cid}' has no label", dataset.root)
-        pairs.append((image, label))
-    return pairs
-
-
 def prepare_data(cfg: SegmentationConfig, slice_wise: bool, progress: bool = True) -> dict[str, Any]:
-    """Open, split, read and preprocess; ``train``/``val`` are lists of (image, label) arrays."""
+    """Open and split the dataset, fit the preprocessing and cache every case on disk, one case at a
+    time (engine/cache.py: reused across runs, rebuilt when the files or the preprocessing change);
+    ``train``/``val`` are lists of :class:`~medsight.engine.cache.CachedCase`, memory-mapped."""
     from medsight.datasets import open_dataset, split_dataset
-    from medsight.engine.preprocess import Preprocessing
+    from medsight.engine.cache import CaseCache, fit_preprocessing
 
     dataset = open_dataset(cfg.data, cfg.layout, **cfg.layout_options)
     if dataset.dim != 3:
@@ -90,48 +78,21 @@ def prepare_data(cfg: SegmentationConfig, slice_wise: bool, progress: bool = Tru
         raise MedsightError("need at least one training and one validation case", cfg.data)
     if cfg.max_val_cases:
         val_ids = val_ids[: cfg.max_val_cases]
-    train_pairs = _read_cases(dataset, train_ids, "training cases", progress)
-    val_pairs = _read_cases(dataset, val_ids, "validation cases", progress)
-    values = (
-        sorted(dataset.labels)
-        if dataset.labels
-        else sorted({0} | {int(v) for _, lab in train_pairs for v in np.unique(lab.array)})
-    )
-    labels = {v: dataset.labels.get(v, f"label_{v}") for v in values}
-    lut = _label_lookup(values)
-    pre = Preprocessing.fit(
-        [i for i, _ in train_pairs],
-        [lab for _, lab in train_pairs],
-        dataset.modality,
-        slice_wise,
-        cfg.slice_axis,
-    )
-
-    def apply(pairs):
-        out = []
-        for image, label in pairs:
-            work = pre.image(image)
-            lab = pre.resample(label, label=True).array[0]
-            if lab.max() >= len(lut) or (lut[lab] == 0).sum() != (lab == 0).sum():
-                raise MedsightError(
-                    f"label values {np.unique(lab).tolist()} outside the classes {values}", image.path
-                )
-            out.append((work.array.astype(np.float32), lut[lab]))
-        return out
-
+    pre, values = fit_preprocessing(dataset, train_ids, slice_wise, cfg.slice_axis, cfg.cache, progress)
+    cache = CaseCache(cfg.cache, pre, values, progress)
     return {
         "train_ids": train_ids,
         "val_ids": val_ids,
-        "labels": labels,
+        "labels": {v: dataset.labels.get(v, f"label_{v}") for v in values},
         "pre": pre,
-        "train": apply(train_pairs),
-        "val": apply(val_pairs),
+        "train": cache.build(dataset, train_ids),
+        "val": cache.build(dataset, val_ids),
     }
 
 
 class SegmentationTask(MedsightTask):
     name = "segmentation"
-    resume_ignores = {"data"}
+    resume_ignores = {"data", "cache"}
 
     def __init__(self, cfg: SegmentationConfig):
         from medsight.engine.augment import LEVELS
@@ -160,7 +121,7 @@ class SegmentationTask(MedsightTask):
     def prepare(self) -> None:
         from medsight.engine import plan
         from medsight.engine.augment import Augmenter
-        from medsight.engine.sampling import PatchSampler, to_working
+        from medsight.engine.cache import class_counts, patch_sampler
         from medsight.losses import WeightedCEDiceLoss
         from medsight.models.registry import build_model
 
@@ -168,7 +129,7 @@ class SegmentationTask(MedsightTask):
         data = prepare_data(cfg, slice_wise=self.kind != "3d", progress=cfg.progress and rank == 0)
         pre, self.labels = data["pre"], data["labels"]
         n_classes = len(self.labels)
-        facts = plan.fingerprint([y.shape for _, y in data["train"]], pre.in_channels, pre.slice_axis)
+        facts = plan.fingerprint([c.meta["shape"] for c in data["train"]], pre.in_channels, pre.slice_axis)
         self.plan = plan.plan(facts, self.kind, cfg.memory_budget, cfg.batch_size, cfg.patch_size)
         if rank == 0 and cfg.progress:
             print(plan.describe(self.plan, cfg.method))
@@ -177,18 +138,13 @@ class SegmentationTask(MedsightTask):
             self.model_kwargs["slices"] = self.slices
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.method, **self.model_kwargs)
-        weights = (
-            class_weights([y for _, y in data["train"]], n_classes) if cfg.class_weights == "auto" else None
-        )
+        counts = class_counts(data["train"], n_classes)
+        weights = weights_from_counts(counts) if cfg.class_weights == "auto" else None
         self.loss_fn = WeightedCEDiceLoss(n_classes, class_weights=weights)
-        work = data["train"]
-        if self.kind != "3d":  # slice-wise samplers want the slice axis last
-            work = [(to_working(x, pre.slice_axis), to_working(y[None], pre.slice_axis)[0]) for x, y in work]
         patch = tuple(self.plan["patch"])
-        sampler = PatchSampler(
-            [x for x, _ in work], [y for _, y in work], self.kind, patch, self.slices, None,
-            mirror_axes=cfg.mirror_axes, slice_axis=pre.slice_axis,
-        )  # fmt: skip
+        sampler = patch_sampler(
+            data["train"], self.kind, patch, self.slices, mirror_axes=cfg.mirror_axes, slice_axis=pre.slice_axis
+        )
         self.data = Shared(
             {**data, "sampler": sampler, "augmenter": Augmenter(self.kind, cfg.augmentation, patch)}
         )
@@ -217,7 +173,7 @@ class SegmentationTask(MedsightTask):
     def validation_step(self, case, batch_idx) -> None:
         from medsight.engine.infer import probabilities
 
-        x, y = case
+        x, y = case.load()  # one cached case in memory at a time
         patch = self.plan["patch"]
         pred = np.argmax(
             probabilities(self._forward, x, self.kind, self.slices, patch, self.pre.slice_axis), axis=0
