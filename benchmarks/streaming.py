@@ -350,7 +350,13 @@ def hippocampus(args, results: dict, work: Path) -> None:
     """This checkout (the case cache) and ``--baseline-src`` (in memory) side by side."""
     barrier = work / "barrier" / "ready"
     barrier.parent.mkdir()
-    base = [sys.executable, __file__, "--run=hippocampus", f"--data={HIPPOCAMPUS}", f"--barrier={barrier}"]
+    base = [
+        sys.executable,
+        __file__,
+        "--run=hippocampus",
+        f"--data={args.hippocampus_data}",
+        f"--barrier={barrier}",
+    ]
     base += [f"--hippocampus-epochs={args.hippocampus_epochs}", f"--workers={args.hippocampus_workers}"]
     runs = {
         "case cache (this checkout)": Measured([*base, f"--cache={work / 'hippo-cache'}"]),
@@ -388,6 +394,7 @@ def main() -> None:
         help="the size (one of --cases) to measure the in-memory path of --baseline-src on too",
     )
     parser.add_argument("--hippocampus", action="store_true", help="context25d: cache vs --baseline-src")
+    parser.add_argument("--hippocampus-data", type=Path, default=HIPPOCAMPUS)
     parser.add_argument("--hippocampus-epochs", type=int, default=3)
     parser.add_argument("--hippocampus-workers", type=int, default=0)
     parser.add_argument("--baseline-src", type=Path, help="src/ of a medsight that trains in memory")
@@ -409,6 +416,8 @@ def main() -> None:
         return
     if args.hippocampus and not args.baseline_src:
         parser.error("--hippocampus needs --baseline-src")
+    if args.hippocampus and not args.hippocampus_data.is_dir():
+        parser.error(f"no hippocampus dataset in {args.hippocampus_data}; pass --hippocampus-data")
     work = Path(tempfile.mkdtemp(prefix="medsight-streaming-", dir=args.workdir))
     try:
         if args.hippocampus:

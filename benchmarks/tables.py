@@ -47,6 +47,10 @@ def fewshot_table(path: Path) -> str:
     return _script("fewshot").markdown(json.loads(path.read_text()))
 
 
+def streaming_table(path: Path) -> str:
+    return _script("streaming").table(json.loads(path.read_text()))
+
+
 def _cell(value) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
@@ -74,6 +78,7 @@ KINDS: dict[str, Callable[[Path], str]] = {
     "segmentation": segmentation_table,
     "textseg": textseg_table,
     "fewshot": fewshot_table,
+    "streaming": streaming_table,
 }
 
 

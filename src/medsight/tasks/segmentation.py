@@ -1,8 +1,10 @@
 """Supervised segmentation (unet2d, context25d, unet3d) as a task of the training loop.
 
-Open the dataset (any supported layout), split it by seed, fit and apply preprocessing, plan batch
-and patch sizes from the data, train on foreground-oversampled slices or patches, validate each epoch
-by mean Dice over the foreground classes. Everything else (devices, resume, best/last, early stop,
+Open the dataset (any supported layout), split it by seed, fit the preprocessing and write each case
+once into the on-disk case cache (engine/cache.py; ``--cache``), plan batch and patch sizes from the
+cached shapes, train on foreground-oversampled slices or patches read from the memory-mapped cases
+(in DataLoader workers with ``--num-workers``), validate each epoch by mean Dice over the foreground
+classes, one cached case in memory at a time. Memory does not grow with the number of cases. Everything else (devices, resume, best/last, early stop,
 weight average, DDP) is the loop's: :mod:`medsight.engine.loop`.
 """
 
@@ -143,7 +145,12 @@ class SegmentationTask(MedsightTask):
         self.loss_fn = WeightedCEDiceLoss(n_classes, class_weights=weights)
         patch = tuple(self.plan["patch"])
         sampler = patch_sampler(
-            data["train"], self.kind, patch, self.slices, mirror_axes=cfg.mirror_axes, slice_axis=pre.slice_axis
+            data["train"],
+            self.kind,
+            patch,
+            self.slices,
+            mirror_axes=cfg.mirror_axes,
+            slice_axis=pre.slice_axis,
         )
         self.data = Shared(
             {**data, "sampler": sampler, "augmenter": Augmenter(self.kind, cfg.augmentation, patch)}
