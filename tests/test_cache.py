@@ -359,3 +359,15 @@ def test_training_reuses_the_cache_and_gives_the_same_run_whatever_the_workers(t
     held = task.data.value
     assert all(isinstance(c, CachedCase) for c in held["train"] + held["val"]) and reads == []
     assert len(pickle.dumps(held["sampler"])) < 20_000
+
+
+def test_a_sampling_process_keeps_a_bounded_set_of_files_mapped(tmp_path):
+    paths = [tmp_path / f"{i}.npy" for i in range(3)]
+    for i, path in enumerate(paths):
+        np.save(path, np.full(100, i, np.float64))  # 800 bytes of data each
+    maps = cache_module._Maps(limit=1600)
+    for path in paths:
+        maps(path)
+    assert list(maps.maps) == paths[1:] and maps.size == 1600  # the least recently used went
+    assert maps(paths[1])[0] == 1 and list(maps.maps) == [paths[2], paths[1]]
+    assert maps(paths[0])[5] == 0 and list(maps.maps) == [paths[1], paths[0]]

@@ -44,6 +44,7 @@ import re
 import shutil
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -56,6 +57,7 @@ from medsight.errors import MedsightError
 
 FORMAT_VERSION = 1
 MAX_LOCATIONS = 10_000  # foreground voxels kept per class and case (nnU-Net keeps 10 000 per case)
+MAPPED_BYTES = 256 * 2**20  # cached files a sampling process keeps mapped (see _Maps)
 STALE_TEMP_SECONDS = 3600  # a temporary folder this old belongs to a builder that was killed
 
 
@@ -300,6 +302,28 @@ def class_locations(label: np.ndarray, seed: int, limit: int = MAX_LOCATIONS) ->
 
 
 # -- sampling ------------------------------------------------------------------------------------
+class _Maps:
+    """The .npy files a process has mapped for sampling, kept open (most recently used first) up to
+    ``limit`` bytes of file: opening a map costs more than reading a small patch from it, and keeping
+    every case mapped would let the pages a run has touched accumulate in its resident memory."""
+
+    def __init__(self, limit: int):
+        self.limit, self.maps, self.size = limit, OrderedDict(), 0
+
+    def __call__(self, path: Path) -> np.ndarray:
+        array = self.maps.pop(path, None)
+        if array is None:
+            array = np.asarray(np.load(path, mmap_mode="r"))  # a plain view: memmap slicing is slower
+            self.size += array.nbytes
+        self.maps[path] = array
+        while self.size > self.limit and len(self.maps) > 1:
+            self.size -= self.maps.popitem(last=False)[1].nbytes
+        return array
+
+
+_mapped = _Maps(MAPPED_BYTES)  # one per process: forked DataLoader workers start from the parent's
+
+
 class _Arrays(Sequence):
     """The cases' images or labels, mapped on access, in the sampler's axis order."""
 
@@ -312,11 +336,14 @@ class _Arrays(Sequence):
     def __getitem__(self, v):
         from medsight.engine.sampling import to_working
 
-        if self.what == "image":
-            array = self.cases[v].image
-            return array if self.slice_axis is None else to_working(array, self.slice_axis)
-        array = self.cases[v].label
-        return array if self.slice_axis is None else to_working(array[None], self.slice_axis)[0]
+        array = _mapped(self.cases[v].folder / f"{self.what}.npy")
+        if self.slice_axis is None:
+            return array
+        return (
+            to_working(array, self.slice_axis)
+            if self.what == "image"
+            else to_working(array[None], self.slice_axis)[0]
+        )
 
 
 class _Locations(Sequence):
@@ -330,7 +357,7 @@ class _Locations(Sequence):
         return self.stop - self.start
 
     def __getitem__(self, i):
-        row = np.load(self.case.folder / "locations.npy", mmap_mode="r")[self.start + int(i)]
+        row = _mapped(self.case.folder / "locations.npy")[self.start + int(i)]
         return np.asarray(row)[self.order]
 
 
