@@ -51,6 +51,10 @@ def sr_table(path: Path) -> str:
     return _script("sr").table(json.loads(path.read_text()))
 
 
+def streaming_table(path: Path) -> str:
+    return _script("streaming").table(json.loads(path.read_text()))
+
+
 def _cell(value) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
@@ -84,6 +88,7 @@ KINDS: dict[str, Callable[[Path], str]] = {
     "fewshot": fewshot_table,
     "sr": sr_table,
     "ssl": ssl_table,
+    "streaming": streaming_table,
 }
 
 

@@ -28,15 +28,15 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _private_cache(tmp_path_factory):
-    """Training caches preprocessed cases under $MEDSIGHT_CACHE (default ~/.cache/medsight): tests
-    use a folder of their own so they neither read a user's cache nor leave one behind."""
+@pytest.fixture(scope="session", autouse=True)
+def case_cache(tmp_path_factory):
+    """Training caches its preprocessed cases (engine/cache.py) in a folder of the test session,
+    not in the user's ~/.cache; subprocesses inherit it."""
     import os
 
     previous = os.environ.get("MEDSIGHT_CACHE")
     os.environ["MEDSIGHT_CACHE"] = str(tmp_path_factory.mktemp("medsight-cache"))
-    yield
+    yield Path(os.environ["MEDSIGHT_CACHE"])
     if previous is None:
         os.environ.pop("MEDSIGHT_CACHE", None)
     else:

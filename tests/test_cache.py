@@ -1,4 +1,5 @@
-"""The on-disk case cache and the streaming patch dataset (engine/cache.py)."""
+"""The on-disk case cache and sampling from it (engine/cache.py), and segmentation training that
+streams from it (tasks/segmentation.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from medsight.engine import cache as cache_module
 from medsight.engine.cache import (
     CachedCase,
     CaseCache,
-    PatchDataset,
+    class_counts,
     class_locations,
     fit_preprocessing,
-    make_loader,
+    patch_sampler,
 )
 from medsight.engine.preprocess import Preprocessing
 from medsight.scan import Scan
@@ -191,6 +192,13 @@ def test_cached_case_pickles_as_its_folder(dataset, built):
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(case)).image, case.image)
 
 
+def draw(cases, kind, patch, batch_size, seed=0, **options):
+    """One batch from the cached cases, as the training loop draws it: a sampler and a seeded stream."""
+    sampler = patch_sampler(cases, kind, patch, **options)
+    sampler.rng = np.random.default_rng(seed)
+    return sampler.batch(batch_size)
+
+
 def write_single_voxel_case(tmp_path):
     """A 32^3 volume whose only foreground voxel is (16, 16, 16)."""
     label = np.zeros((32, 32, 32), np.uint8)
@@ -213,8 +221,9 @@ def write_single_voxel_case(tmp_path):
 @pytest.mark.parametrize("fg_fraction", [0.0, 0.5])
 def test_foreground_oversampling_rate(tmp_path, fg_fraction):
     cases = write_single_voxel_case(tmp_path)
-    data = PatchDataset(cases, "3d", (8, 8, 8), batch_size=10, steps=100, fg_fraction=fg_fraction)
-    hits = np.concatenate([(y > 0).reshape(len(y), -1).any(axis=1) for _, y in data])
+    sampler = patch_sampler(cases, "3d", (8, 8, 8), fg_fraction=fg_fraction)
+    sampler.rng = np.random.default_rng(0)
+    hits = np.concatenate([(sampler.batch(10)[1] > 0).reshape(10, -1).any(axis=1) for _ in range(100)])
     # A random 8^3 patch of 32^3 starts at 0..24 along each axis, 8 of which cover voxel 16; a
     # foreground-centred one always covers it.
     random_hit = (8 / 25) ** 3
@@ -226,13 +235,12 @@ def test_foreground_oversampling_rate(tmp_path, fg_fraction):
 def test_batch_shapes(dataset, built):
     pre, _, cache = built
     cases = cache.build(dataset, dataset.case_ids)
-    x, y = PatchDataset(cases, "3d", (16, 16, 16), batch_size=3, steps=1).batch(0)
+    x, y = draw(cases, "3d", (16, 16, 16), 3)
     assert x.shape == (3, 2, 16, 16, 16) and x.dtype == np.float32
     assert y.shape == (3, 16, 16, 16) and y.dtype == np.int64 and set(np.unique(y)) <= {0, 1, 2}
-    stacks = PatchDataset(cases, "2.5d", (16, 16), slices=5, batch_size=2, steps=1, slice_axis=1)
-    x, y = stacks.batch(0)
+    x, y = draw(cases, "2.5d", (16, 16), 2, slices=5, slice_axis=1)
     assert x.shape == (2, 2, 5, 16, 16) and y.shape == (2, 16, 16)
-    x, y = PatchDataset(cases, "2d", (16, 16), batch_size=2, steps=1, slice_axis=2).batch(0)
+    x, y = draw(cases, "2d", (16, 16), 2, slice_axis=2)
     assert x.shape == (2, 2, 16, 16) and y.shape == (2, 16, 16)
 
 
@@ -242,30 +250,21 @@ def test_slice_wise_foreground_centres_follow_the_slice_axis(dataset, built):
     _, _, cache = built
     cases = cache.build(dataset, dataset.case_ids)
     for axis in (0, 1, 2):
-        data = PatchDataset(cases, "2d", (4, 4), batch_size=20, steps=1, slice_axis=axis, fg_fraction=1.0)
-        _, y = data.batch(0)
+        _, y = draw(cases, "2d", (4, 4), 20, slice_axis=axis, fg_fraction=1.0)
         assert (y > 0).reshape(20, -1).any(axis=1).all()
 
 
-def test_same_seed_same_batches_whatever_the_workers(dataset, built):
+def test_class_counts_add_up_the_cases_without_reading_labels(dataset, built):
     _, _, cache = built
     cases = cache.build(dataset, dataset.case_ids)
-
-    def batches(workers, seed=3, epoch=0):
-        data = PatchDataset(
-            cases, "3d", (8, 8, 8), batch_size=2, steps=5, seed=seed, augmentation="intensity"
-        )
-        data.set_epoch(epoch)
-        return list(make_loader(data, workers))
-
-    serial, parallel = batches(0), batches(2)
-    assert len(serial) == len(parallel) == 5
-    for (x0, y0), (x2, y2) in zip(serial, parallel, strict=True):
-        assert isinstance(x0, torch.Tensor)
-        torch.testing.assert_close(x0, x2, rtol=0, atol=0)
-        torch.testing.assert_close(y0, y2, rtol=0, atol=0)
-    assert not torch.equal(batches(0, epoch=1)[0][0], serial[0][0])
-    assert not torch.equal(batches(0, seed=4)[0][0], serial[0][0])
+    # The first two cases keep their grid: a 27- and an 8-voxel cube each; the third is resampled.
+    resampled = np.asarray(cases[2].label)
+    expected = [27 * 2 + (resampled == 1).sum(), 8 * 2 + (resampled == 2).sum()]
+    for case in cases:
+        (case.folder / "label.npy").unlink()  # the counts come from meta.json alone
+    counts = class_counts(cases, 4)
+    assert counts[1:3].tolist() == expected and counts[3] == 0
+    assert counts.sum() == 2 * 12 * 10 * 8 + 12 * 10 * 12
 
 
 def test_a_case_is_opened_by_its_folder(dataset, built):
@@ -323,3 +322,52 @@ def test_four_channel_phantom_keeps_channel_zero_and_adds_contrasts(tmp_path):
     assert [p.name for p in opened.case(opened.case_ids[0]).images] == ["phantom_000.nii"]
     image, _ = opened.load_case(opened.cases[0])
     assert image.array.shape == (4, 24, 24, 24) and opened.channel_names == ["T1c", "T1", "T2", "FLAIR"]
+
+
+# -- training streams from the cache ----------------------------------------------------------------
+@pytest.mark.slow
+def test_training_reuses_the_cache_and_gives_the_same_run_whatever_the_workers(tmp_path, monkeypatch):
+    """The first run reads and caches every case; a second run on the same data reads none, samples
+    its batches in two worker processes instead of the main one, and ends with the same weights."""
+    from medsight.datasets.phantom import write_phantom_dataset
+    from medsight.engine import checkpoint
+    from medsight.tasks.segmentation import SegmentationConfig, SegmentationTask, train
+
+    data = write_phantom_dataset(tmp_path / "data", 4, dim=3, seed=0)
+    reads = []
+    real_read = cache_module._read_pair
+    monkeypatch.setattr(cache_module, "_read_pair", lambda d, cid: reads.append(cid) or real_read(d, cid))
+    options = dict(
+        method="unet3d", data=str(data), cache=str(tmp_path / "cache"), epochs=2, steps_per_epoch=2,
+        batch_size=2, patch_size=[32, 32, 32], max_val_cases=1, progress=False,
+    )  # fmt: skip
+    first = train(SegmentationConfig(**options, out=str(tmp_path / "w0"), num_workers=0))
+    assert len(reads) == 3 + 4  # the fit reads the 3 training cases, the cache all 4 cases once
+    reads.clear()
+    second = train(SegmentationConfig(**options, out=str(tmp_path / "w2"), num_workers=2))
+    assert reads == []
+    a, b = (checkpoint.load(s["last"]) for s in (first, second))
+    assert [r["train_loss"] for r in a["training"]["history"]] == [
+        r["train_loss"] for r in b["training"]["history"]
+    ]
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert a["data"]["val_ids"] == b["data"]["val_ids"] and len(a["data"]["train_ids"]) == 3
+
+    task = SegmentationTask(SegmentationConfig(**options, out=str(tmp_path / "w3")))
+    task.prepare()  # what training holds: case folders and a sampler mapping them, no arrays
+    held = task.data.value
+    assert all(isinstance(c, CachedCase) for c in held["train"] + held["val"]) and reads == []
+    assert len(pickle.dumps(held["sampler"])) < 20_000
+
+
+def test_a_sampling_process_keeps_a_bounded_set_of_files_mapped(tmp_path):
+    paths = [tmp_path / f"{i}.npy" for i in range(3)]
+    for i, path in enumerate(paths):
+        np.save(path, np.full(100, i, np.float64))  # 800 bytes of data each
+    maps = cache_module._Maps(limit=1600)
+    for path in paths:
+        maps(path)
+    assert list(maps.maps) == paths[1:] and maps.size == 1600  # the least recently used went
+    assert maps(paths[1])[0] == 1 and list(maps.maps) == [paths[2], paths[1]]
+    assert maps(paths[0])[5] == 0 and list(maps.maps) == [paths[1], paths[0]]

@@ -89,6 +89,11 @@ def train(
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", help="auto (mixed on CUDA, 32 on CPU), 32, 16-mixed, bf16-mixed."),
     num_workers: int = typer.Option(0, min=0, help="DataLoader processes sampling training batches."),
+    cache: Path = typer.Option(
+        None,
+        "--cache",
+        help="Folder of preprocessed cases, reused across runs (default: $MEDSIGHT_CACHE or ~/.cache/medsight).",
+    ),
     layout: str = typer.Option(None, help="Force a dataset layout instead of detecting it."),
     init: Path = typer.Option(
         None, help="Start unet2d from a `medsight pretrain` checkpoint (every layer but the last)."
@@ -126,7 +131,9 @@ def train(
         options["spacing"] = [float(v) for v in spacing.split(",")] if spacing else None
     except ValueError:
         raise MedsightError(f"--spacing needs numbers like 2,2, not {spacing!r}") from None
-    options.update(data=str(data), out=str(out), init=str(init) if init else None)
+    options.update(
+        data=str(data), out=str(out), init=str(init) if init else None, cache=str(cache) if cache else None
+    )
     options["labeled_ids"] = [i.strip() for i in labeled_ids.split(",") if i.strip()] if labeled_ids else None
     config = _config(task_class.config_class, options, method)
     summary = fit(task_class(config), config)

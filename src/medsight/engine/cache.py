@@ -8,22 +8,19 @@ coordinates per class, nnU-Net's ``class_locations``, so the sampler never scans
 the arrays (``np.load(mmap_mode="r")``) and reads only the patches it samples, in DataLoader worker
 processes, so memory stays flat in the number of cases.
 
-How a trainer uses it::
+How a trainer uses it (tasks/segmentation.py does this inside the training loop)::
 
-    from medsight.engine.cache import CaseCache, PatchDataset, fit_preprocessing, make_loader
+    from medsight.engine.cache import CaseCache, fit_preprocessing, patch_sampler
 
     pre, values = fit_preprocessing(dataset, train_ids, slice_wise=kind != "3d")  # one case at a time
     cache = CaseCache(None, pre, values)  # None: $MEDSIGHT_CACHE, else ~/.cache/medsight
     train_cases = cache.build(dataset, train_ids)  # reuses what an earlier run wrote
     val_cases = cache.build(dataset, val_ids)
-    data = PatchDataset(train_cases, kind, patch, slices, batch_size=2, steps=250, seed=cfg.seed,
-                        rank=rank, slice_axis=pre.slice_axis, augmentation="spatial")
-    for epoch in range(epochs):
-        data.set_epoch(epoch)
-        for x, y in make_loader(data, num_workers=2):  # torch tensors (B, C, *patch), (B, *patch)
-            ...
-        for case in val_cases:  # validation holds one case in memory at a time
-            image, label = case.load()
+    sampler = patch_sampler(train_cases, kind, patch, slices, slice_axis=pre.slice_axis)
+    sampler.rng = np.random.default_rng([seed, rank, epoch, step])  # one stream per batch
+    x, y = sampler.batch(batch_size)  # reads only the sampled windows of the memory-mapped cases
+    for case in val_cases:  # validation holds one case in memory at a time
+        image, label = case.load()
 
 Cache layout: ``<root>/v<version>-<hash of the preprocessing and classes>/<case id>.<key>/``, where the
 key hashes the preprocessing, the classes, the case's source files (paths, sizes, modification times)
@@ -32,10 +29,10 @@ A case is written into a temporary sibling folder and renamed into place, so an 
 leaves no partial case, and builders running at once (DDP ranks, which start at different cases)
 never see each other's half-written files: the first rename wins, the others discard their copy.
 
-Batches are drawn by :class:`~medsight.engine.sampling.PatchSampler` (foreground oversampling) and
-:class:`~medsight.engine.augment.Augmenter`. Batch ``i`` of an epoch draws from its own random stream,
-seeded by (seed, rank, epoch, i): the batches are the same whatever the number of workers, and a
-resumed run draws what an unbroken one would.
+Batches are drawn by :func:`patch_sampler` (a :class:`~medsight.engine.sampling.PatchSampler` with
+foreground oversampling from the stored class locations) in the training loop's DataLoader workers,
+each batch from its own random stream (engine/loop.py), so the batches are the same whatever the
+number of workers, and a resumed run draws what an unbroken one would.
 """
 
 from __future__ import annotations
@@ -47,6 +44,7 @@ import re
 import shutil
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -59,6 +57,7 @@ from medsight.errors import MedsightError
 
 FORMAT_VERSION = 1
 MAX_LOCATIONS = 10_000  # foreground voxels kept per class and case (nnU-Net keeps 10 000 per case)
+MAPPED_BYTES = 256 * 2**20  # cached files a sampling process keeps mapped (see _Maps)
 STALE_TEMP_SECONDS = 3600  # a temporary folder this old belongs to a builder that was killed
 
 
@@ -79,6 +78,8 @@ def source_signature(case) -> list[list]:
     paths = [*case.images, *([case.label] if case.label is not None else [])]
     out = []
     for path in paths:
+        if not Path(path).exists():  # e.g. a DICOM study lacking one of the series
+            raise MedsightError("no such file or folder", path)
         stat = Path(path).stat()
         out.append([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
     return out
@@ -92,10 +93,15 @@ def label_lookup(values: list[int]) -> np.ndarray:
 
 
 def _read_pair(dataset, case_id: str):
+    """(image, label) of a case; 2D ones as one-slice volumes, so one code path trains both."""
+    from medsight.engine.preprocess import as_volume
+
     image, label = dataset.load_case(dataset.case(case_id))
     if label is None:
         raise MedsightError(f"case '{case_id}' has no label", dataset.root)
-    return image, label
+    if image.ndim != dataset.dim:
+        raise MedsightError(f"is {image.ndim}D in a {dataset.dim}D dataset", image.path)
+    return as_volume(image), as_volume(label)
 
 
 def fit_preprocessing(
@@ -105,6 +111,7 @@ def fit_preprocessing(
     slice_axis: int | None = None,
     root: str | Path | None = None,
     progress: bool = True,
+    spacing: list[float] | None = None,
 ) -> tuple[Preprocessing, list[int]]:
     """Fit the preprocessing on the cases ``ids``, reading one case at a time; returns it with the
     sorted label values (the dataset's declared ones, else those found, with 0). The result is
@@ -122,6 +129,8 @@ def fit_preprocessing(
             "mapping": dataset.label_mapping,
             "slice_wise": slice_wise,
             "slice_axis": slice_axis,
+            "spacing": spacing,
+            "dim": dataset.dim,
         }
     )
     stored = root / "fits" / f"{key}.json"
@@ -138,8 +147,9 @@ def fit_preprocessing(
             yield image, label
 
     pre = Preprocessing.fit_stream(
-        pairs(), dataset.modality, slice_wise, slice_axis, ct_samples=MAX_LOCATIONS
+        pairs(), dataset.modality, slice_wise, slice_axis, ct_samples=MAX_LOCATIONS, spacing=spacing
     )
+    pre.dim = dataset.dim
     values = sorted(dataset.labels) if dataset.labels else sorted(found)
     from medsight.io import write_text
 
@@ -226,6 +236,11 @@ class CaseCache:
 
     def _write(self, dataset, case_id: str, entry: Path) -> None:
         image, label = _read_pair(dataset, case_id)
+        if image.channels != self.pre.in_channels:
+            raise MedsightError(
+                f"has {image.channels} channel(s); the training images have {self.pre.in_channels}",
+                image.path,
+            )
         work = self.pre.image(image)
         classes = self._classes(self.pre.resample(label, label=True).array[0], image.path)
         tmp = self.folder / f".tmp-{entry.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -303,6 +318,28 @@ def class_locations(label: np.ndarray, seed: int, limit: int = MAX_LOCATIONS) ->
 
 
 # -- sampling ------------------------------------------------------------------------------------
+class _Maps:
+    """The .npy files a process has mapped for sampling, kept open (most recently used first) up to
+    ``limit`` bytes of file: opening a map costs more than reading a small patch from it, and keeping
+    every case mapped would let the pages a run has touched accumulate in its resident memory."""
+
+    def __init__(self, limit: int):
+        self.limit, self.maps, self.size = limit, OrderedDict(), 0
+
+    def __call__(self, path: Path) -> np.ndarray:
+        array = self.maps.pop(path, None)
+        if array is None:
+            array = np.asarray(np.load(path, mmap_mode="r"))  # a plain view: memmap slicing is slower
+            self.size += array.nbytes
+        self.maps[path] = array
+        while self.size > self.limit and len(self.maps) > 1:
+            self.size -= self.maps.popitem(last=False)[1].nbytes
+        return array
+
+
+_mapped = _Maps(MAPPED_BYTES)  # one per process: forked DataLoader workers start from the parent's
+
+
 class _Arrays(Sequence):
     """The cases' images or labels, mapped on access, in the sampler's axis order."""
 
@@ -315,11 +352,14 @@ class _Arrays(Sequence):
     def __getitem__(self, v):
         from medsight.engine.sampling import to_working
 
-        if self.what == "image":
-            array = self.cases[v].image
-            return array if self.slice_axis is None else to_working(array, self.slice_axis)
-        array = self.cases[v].label
-        return array if self.slice_axis is None else to_working(array[None], self.slice_axis)[0]
+        array = _mapped(self.cases[v].folder / f"{self.what}.npy")
+        if self.slice_axis is None:
+            return array
+        return (
+            to_working(array, self.slice_axis)
+            if self.what == "image"
+            else to_working(array[None], self.slice_axis)[0]
+        )
 
 
 class _Locations(Sequence):
@@ -333,112 +373,50 @@ class _Locations(Sequence):
         return self.stop - self.start
 
     def __getitem__(self, i):
-        row = np.load(self.case.folder / "locations.npy", mmap_mode="r")[self.start + int(i)]
+        row = _mapped(self.case.folder / "locations.npy")[self.start + int(i)]
         return np.asarray(row)[self.order]
 
 
-def _torch_dataset_base():
-    from torch.utils.data import IterableDataset
+def patch_sampler(
+    cases: list[CachedCase],
+    kind: str,
+    patch: tuple[int, ...],
+    slices: int = 1,
+    fg_fraction: float = 0.33,
+    mirror_axes=(),
+    slice_axis: int = 2,
+    transpose: bool = False,
+):
+    """A :class:`~medsight.engine.sampling.PatchSampler` over cached cases: it maps each case's files
+    for the sample it draws and takes foreground centres from the stored class locations, so it
+    never holds or scans a whole volume. Set its ``rng`` before each batch (the training loop seeds
+    one stream per batch: :class:`medsight.engine.loop.MedsightTask`). Pickles as the case folders."""
+    from medsight.engine.sampling import PatchSampler
 
-    return IterableDataset
-
-
-class PatchDataset(_torch_dataset_base()):
-    """Training batches drawn from cached cases: iterating yields ``steps`` batches (x float32
-    (B, C, [k,] *patch), y int64 (B, *patch)), split over the DataLoader's workers. ``kind``,
-    ``patch``, ``slices``, ``fg_fraction``, ``mirror_axes`` and ``slice_axis`` mean what they mean
-    to :class:`~medsight.engine.sampling.PatchSampler`; ``augmentation`` is an
-    :class:`~medsight.engine.augment.Augmenter` level. Call :meth:`set_epoch` before each epoch."""
-
-    def __init__(
-        self,
-        cases: list[CachedCase],
-        kind: str,
-        patch: tuple[int, ...],
-        slices: int = 1,
-        batch_size: int = 2,
-        steps: int = 50,
-        seed: int = 0,
-        rank: int = 0,
-        epoch: int = 0,
-        fg_fraction: float = 0.33,
-        mirror_axes=(),
-        slice_axis: int = 2,
-        augmentation: str = "none",
-    ):
-        if not cases:
-            raise MedsightError("no cases to sample from")
-        self.cases, self.kind, self.patch, self.slices = cases, kind, tuple(patch), slices
-        self.batch_size, self.steps, self.seed, self.rank, self.epoch = batch_size, steps, seed, rank, epoch
-        self.fg_fraction, self.mirror_axes, self.slice_axis = fg_fraction, tuple(mirror_axes), slice_axis
-        self.augmentation = augmentation
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def sampler(self):
-        from medsight.engine.sampling import PatchSampler
-
-        slice_wise = self.kind != "3d"
-        axes = [a for a in range(3) if a != self.slice_axis] + [self.slice_axis] if slice_wise else [0, 1, 2]
-        locations = [
-            [_Locations(case, value, axes) for value in case.meta["locations"]] for case in self.cases
-        ]
-        return PatchSampler(
-            _Arrays(self.cases, "image", self.slice_axis if slice_wise else None),
-            _Arrays(self.cases, "label", self.slice_axis if slice_wise else None),
-            self.kind,
-            self.patch,
-            self.slices,
-            rng=None,
-            fg_fraction=self.fg_fraction,
-            mirror_axes=self.mirror_axes,
-            slice_axis=self.slice_axis,
-            class_locations=locations,
-        )
-
-    def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Batch ``index`` of the current epoch (what iterating yields at that position)."""
-        return self._draw(self.sampler(), self._augmenter(), index)
-
-    def _augmenter(self):
-        from medsight.engine.augment import Augmenter
-
-        return Augmenter(self.kind, self.augmentation, self.patch)
-
-    def _draw(self, sampler, augmenter, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, self.rank, self.epoch, index])
-        sampler.rng = rng
-        return augmenter(*sampler.batch(self.batch_size), rng)
-
-    def __iter__(self):
-        from torch.utils.data import get_worker_info
-
-        info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        sampler, augmenter = self.sampler(), self._augmenter()
-        # The DataLoader asks its workers in turn, so worker w's j-th batch is batch w + j * workers.
-        for index in range(worker, self.steps, workers):
-            yield self._draw(sampler, augmenter, index)
-
-
-def _one_thread(_worker: int) -> None:
-    import torch
-
-    torch.set_num_threads(1)  # workers share the cores with the training process
-
-
-def make_loader(dataset: PatchDataset, num_workers: int = 2):
-    """A DataLoader over a :class:`PatchDataset`: each item is one (x, y) batch as torch tensors."""
-    from torch.utils.data import DataLoader
-
-    return DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=num_workers,
-        worker_init_fn=_one_thread if num_workers else None,
-        prefetch_factor=2 if num_workers else None,
+    if not cases:
+        raise MedsightError("no cases to sample from")
+    slice_wise = kind != "3d"
+    axes = [a for a in range(3) if a != slice_axis] + [slice_axis] if slice_wise else [0, 1, 2]
+    locations = [[_Locations(case, value, axes) for value in case.meta["locations"]] for case in cases]
+    return PatchSampler(
+        _Arrays(cases, "image", slice_axis if slice_wise else None),
+        _Arrays(cases, "label", slice_axis if slice_wise else None),
+        kind,
+        tuple(patch),
+        slices,
+        rng=None,
+        fg_fraction=fg_fraction,
+        mirror_axes=mirror_axes,
+        slice_axis=slice_axis,
+        class_locations=locations,
+        transpose=transpose,
     )
+
+
+def class_counts(cases: list[CachedCase], n_classes: int) -> np.ndarray:
+    """Voxels per class over the cases, from their stored meta (no label is read)."""
+    total = np.zeros(n_classes, np.int64)
+    for case in cases:
+        counts = case.meta["class_counts"]
+        total[: len(counts)] += counts
+    return total

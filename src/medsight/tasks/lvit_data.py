@@ -104,9 +104,9 @@ def working_shape(shape: tuple[int, ...], scale: float) -> tuple[int, int]:
 def load_items(dataset, ids, pre, scale, values, with_labels, progress, what) -> list[Item]:
     from tqdm import tqdm
 
-    from medsight.tasks.segmentation import _label_lookup
+    from medsight.engine.cache import label_lookup
 
-    lut = _label_lookup(values)
+    lut = label_lookup(values)
     items = []
     for cid in tqdm(ids, desc=f"reading {what}", disable=not progress, leave=False):
         case = dataset.case(cid)

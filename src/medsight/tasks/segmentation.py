@@ -1,9 +1,11 @@
 """Supervised segmentation (unet2d, context25d, unet3d) as a task of the training loop.
 
-Open the dataset (any supported layout), split it by seed, fit and apply preprocessing, plan batch
-and patch sizes from the data, train on foreground-oversampled slices or patches, validate each epoch
-by mean Dice over the foreground classes. 2D datasets (pictures: PNG, TIFF, JPEG...; 1 or 3 channels)
-train the 2D network on one-slice volumes (``preprocess.as_volume``). Everything else (devices, resume, best/last, early stop,
+Open the dataset (any supported layout), split it by seed, fit the preprocessing and write each case
+once into the on-disk case cache (engine/cache.py; ``--cache``), plan batch and patch sizes from the
+cached shapes, train on foreground-oversampled slices or patches read from the memory-mapped cases
+(in DataLoader workers with ``--num-workers``), validate each epoch by mean Dice over the foreground
+classes, one cached case in memory at a time. Memory does not grow with the number of cases. 2D datasets (pictures: PNG, TIFF,
+JPEG...; 1 or 3 channels) train the 2D network on one-slice volumes (``preprocess.as_volume``). Everything else (devices, resume, best/last, early stop,
 weight average, DDP) is the loop's: :mod:`medsight.engine.loop`.
 """
 
@@ -40,6 +42,7 @@ class SegmentationConfig(LoopConfig):
     init: str | None = None  # a `medsight pretrain` checkpoint: every layer but the last (unet2d)
     labeled_cases: int | None = None  # keep this many labelled training cases, drawn by seed
     labeled_ids: list[str] | None = None  # or exactly these training cases
+    cache: str | None = None  # folder of preprocessed cases; None: $MEDSIGHT_CACHE or ~/.cache/medsight
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -54,36 +57,16 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[fl
 
 
 def class_weights(labels: list[np.ndarray], n_classes: int) -> list[float]:
+    """:func:`weights_from_counts` of the voxels of each class in ``labels``."""
+    return weights_from_counts(np.bincount(np.concatenate([y.ravel() for y in labels]), minlength=n_classes))
+
+
+def weights_from_counts(counts) -> list[float]:
     """Log-damped inverse frequency, ``1 + ln(f_background / f_c)``: small lesions weigh more, but
     not by the raw frequency ratio (hundreds for a small lesion), which makes the network paint
     foreground everywhere early in training."""
-    counts = np.bincount(np.concatenate([y.ravel() for y in labels]), minlength=n_classes).astype(float)
-    counts = np.maximum(counts, 1.0)
+    counts = np.maximum(np.asarray(counts, dtype=float), 1.0)
     return [1.0] + [float(1.0 + np.log(max(counts[0] / c, 1.0))) for c in counts[1:]]
-
-
-def _label_lookup(values: list[int]) -> np.ndarray:
-    """Stored label value -> class index (0..K-1), so non-contiguous label sets train too."""
-    lut = np.zeros(max(values) + 1, np.int64)
-    lut[values] = np.arange(len(values))
-    return lut
-
-
-def _read_cases(dataset, ids, what: str, progress: bool) -> list:
-    """(image, label) Scans; 2D ones as one-slice volumes, so one code path trains both."""
-    from tqdm import tqdm
-
-    from medsight.engine.preprocess import as_volume
-
-    pairs = []
-    for cid in tqdm(ids, desc=f"reading {what}", disable=not progress, leave=False):
-        image, label = dataset.load_case(dataset.case(cid))
-        if label is None:
-            raise MedsightError(f"case '{cid}' has no label", dataset.root)
-        if image.ndim != dataset.dim:
-            raise MedsightError(f"is {image.ndim}D in a {dataset.dim}D dataset", image.path)
-        pairs.append((as_volume(image), as_volume(label)))
-    return pairs
 
 
 def labeled_subset(
@@ -120,10 +103,12 @@ def check_method_fits(method: str, kind: str, dim: int, data) -> None:
 
 
 def prepare_data(cfg: SegmentationConfig, kind: str, progress: bool = True) -> dict[str, Any]:
-    """Open, split, read and preprocess; ``train``/``val`` are lists of (image, label) arrays,
-    (C, X, Y, Z) and (X, Y, Z); a 2D dataset's are one-slice volumes, Z = 1."""
+    """Open and split the dataset, fit the preprocessing and cache every case on disk, one case at a
+    time (engine/cache.py: reused across runs, rebuilt when the files or the preprocessing change);
+    ``train``/``val`` are lists of :class:`~medsight.engine.cache.CachedCase`, memory-mapped; a 2D
+    dataset's cases are one-slice volumes."""
     from medsight.datasets import open_dataset, split_dataset
-    from medsight.engine.preprocess import Preprocessing
+    from medsight.engine.cache import CaseCache, fit_preprocessing
 
     dataset = open_dataset(cfg.data, cfg.layout, **cfg.layout_options)
     check_method_fits(cfg.method, kind, dataset.dim, cfg.data)
@@ -139,57 +124,27 @@ def prepare_data(cfg: SegmentationConfig, kind: str, progress: bool = True) -> d
     train_ids = labeled_subset(train_ids, val_ids, cfg.labeled_cases, cfg.labeled_ids, cfg.seed, cfg.data)
     if cfg.max_val_cases:
         val_ids = val_ids[: cfg.max_val_cases]
-    train_pairs = _read_cases(dataset, train_ids, "training cases", progress)
-    val_pairs = _read_cases(dataset, val_ids, "validation cases", progress)
-    channels = {image.channels for image, _ in train_pairs + val_pairs}
-    if len(channels) > 1:
-        raise MedsightError(f"images have different channel counts {sorted(channels)}", cfg.data)
-    values = (
-        sorted(dataset.labels)
-        if dataset.labels
-        else sorted({0} | {int(v) for _, lab in train_pairs for v in np.unique(lab.array)})
-    )
-    labels = {v: dataset.labels.get(v, f"label_{v}") for v in values}
-    lut = _label_lookup(values)
     try:
-        pre = Preprocessing.fit(
-            [i for i, _ in train_pairs],
-            [lab for _, lab in train_pairs],
-            dataset.modality,
-            kind != "3d",
-            slice_axis,
-            cfg.spacing,
+        pre, values = fit_preprocessing(
+            dataset, train_ids, kind != "3d", slice_axis, cfg.cache, progress, spacing=cfg.spacing
         )
     except ValueError as error:
         raise MedsightError(f"--spacing: {error}") from None
-    pre.dim = dataset.dim
-
-    def apply(pairs):
-        out = []
-        for image, label in pairs:
-            work = pre.image(image)
-            lab = pre.resample(label, label=True).array[0]
-            if lab.max() >= len(lut) or (lut[lab] == 0).sum() != (lab == 0).sum():
-                raise MedsightError(
-                    f"label values {np.unique(lab).tolist()} outside the classes {values}", image.path
-                )
-            out.append((work.array.astype(np.float32), lut[lab]))
-        return out
-
+    cache = CaseCache(cfg.cache, pre, values, progress)
     return {
         "train_ids": train_ids,
         "val_ids": val_ids,
-        "labels": labels,
+        "labels": {v: dataset.labels.get(v, f"label_{v}") for v in values},
         "label_mapping": {int(k): int(v) for k, v in dataset.label_mapping.items()},
         "pre": pre,
-        "train": apply(train_pairs),
-        "val": apply(val_pairs),
+        "train": cache.build(dataset, train_ids),
+        "val": cache.build(dataset, val_ids),
     }
 
 
 class SegmentationTask(MedsightTask):
     name = "segmentation"
-    resume_ignores = {"data"}
+    resume_ignores = {"data", "cache"}
     config_class = SegmentationConfig
     score_name = "validation mean Dice"
 
@@ -231,7 +186,7 @@ class SegmentationTask(MedsightTask):
     def prepare(self) -> None:
         from medsight.engine import plan
         from medsight.engine.augment import Augmenter
-        from medsight.engine.sampling import PatchSampler, to_working
+        from medsight.engine.cache import class_counts, patch_sampler
         from medsight.losses import WeightedCEDiceLoss
         from medsight.models.registry import build_model
 
@@ -239,7 +194,7 @@ class SegmentationTask(MedsightTask):
         data = prepare_data(cfg, self.kind, progress=cfg.progress and rank == 0)
         pre, self.labels = data["pre"], data["labels"]
         n_classes = len(self.labels)
-        facts = plan.fingerprint([y.shape for _, y in data["train"]], pre.in_channels, pre.slice_axis)
+        facts = plan.fingerprint([c.meta["shape"] for c in data["train"]], pre.in_channels, pre.slice_axis)
         self.plan = plan.plan(facts, self.kind, cfg.memory_budget, cfg.batch_size, cfg.patch_size)
         if rank == 0 and cfg.progress:
             print(plan.describe(self.plan, cfg.method))
@@ -252,18 +207,19 @@ class SegmentationTask(MedsightTask):
             from medsight.tasks.ssl import init_from_pretrained
 
             self.init = init_from_pretrained(self.model, cfg.init, cfg.method)
-        weights = (
-            class_weights([y for _, y in data["train"]], n_classes) if cfg.class_weights == "auto" else None
-        )
+        counts = class_counts(data["train"], n_classes)
+        weights = weights_from_counts(counts) if cfg.class_weights == "auto" else None
         self.loss_fn = WeightedCEDiceLoss(n_classes, class_weights=weights)
-        work = data["train"]
-        if self.kind != "3d":  # slice-wise samplers want the slice axis last
-            work = [(to_working(x, pre.slice_axis), to_working(y[None], pre.slice_axis)[0]) for x, y in work]
         patch = tuple(self.plan["patch"])
-        sampler = PatchSampler(
-            [x for x, _ in work], [y for _, y in work], self.kind, patch, self.slices, None,
-            mirror_axes=cfg.mirror_axes, slice_axis=pre.slice_axis, transpose=pre.dim == 2,
-        )  # fmt: skip
+        sampler = patch_sampler(
+            data["train"],
+            self.kind,
+            patch,
+            self.slices,
+            mirror_axes=cfg.mirror_axes,
+            slice_axis=pre.slice_axis,
+            transpose=pre.dim == 2,
+        )
         self.data = Shared(
             {**data, "sampler": sampler, "augmenter": Augmenter(self.kind, cfg.augmentation, patch)}
         )
@@ -292,7 +248,7 @@ class SegmentationTask(MedsightTask):
     def validation_step(self, case, batch_idx) -> None:
         from medsight.engine.infer import probabilities
 
-        x, y = case
+        x, y = case.load()  # one cached case in memory at a time
         patch = self.plan["patch"]
         pred = np.argmax(
             probabilities(self._forward, x, self.kind, self.slices, patch, self.pre.slice_axis), axis=0
