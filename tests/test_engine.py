@@ -610,3 +610,47 @@ def test_time_budget_stops_after_the_epoch_that_passes_it(phantom, tmp_path):
     stopped = checkpoint.load(tmp_path / "last.pt")["training"]["stopped"]
     assert stopped == "the 0.0001-minute budget is used"
     assert train(TrainConfig(**{**options, "resume": True}))["epochs_run"] == 1
+
+
+def test_predict_writes_a_dicom_seg_that_matches_the_nifti_mask(trained, phantom, tmp_path):
+    import highdicom as hd
+    import pydicom
+    from dicom_factory import write_series
+
+    image = io.read(phantom / "imagesTr" / "phantom_000.nii.gz").array[0]  # (X, Y, Z)
+    stored = np.round(np.transpose(image, (2, 1, 0)) * 100).astype(np.int16)  # (slice, row, column)
+    geo = write_series(
+        tmp_path / "ct", stored, pixel_spacing=(1.0, 1.0), slice_step=2.5, frame_of_reference_uid="1.2.3.4"
+    )
+    model = trained["best"]
+    code_n = run_cli("predict", tmp_path / "ct", "-m", model, "-o", tmp_path / "nifti").returncode
+    seg_run = run_cli(
+        "predict", tmp_path / "ct", "-m", model, "-o", tmp_path / "seg", "--format", "dicom-seg"
+    )
+    assert code_n == 0 and seg_run.returncode == 0, seg_run.stderr
+    mask = io.read(tmp_path / "nifti" / "ct.nii.gz").array[0]  # (column, row, slice)
+    assert (mask == 1).any()  # something to compare
+    seg = hd.seg.segread(tmp_path / "seg" / "ct.dcm")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == geo["uid"]
+    names = checkpoint_label_names(model)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [names[v] for v in sorted(names) if v != 0]
+    for f in (tmp_path / "ct").glob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        k = int(ds.InstanceNumber) - 1
+        frames = seg.get_pixels_by_source_instance([ds.SOPInstanceUID], segment_numbers=[1])[0]
+        assert np.array_equal(frames[..., 0], mask[:, :, k].T == 1)
+
+
+def checkpoint_label_names(path) -> dict[int, str]:
+    from medsight.engine import checkpoint
+
+    return {int(k): v for k, v in checkpoint.load(path)["labels"].items()}
+
+
+def test_dicom_seg_needs_dicom_inputs(trained, phantom, tmp_path):
+    result = run_cli(
+        "predict", phantom / "imagesTr" / "phantom_000.nii.gz", "-m", trained["best"], "-o", tmp_path / "o",
+        "--format", "dicom-seg",
+    )  # fmt: skip
+    assert result.returncode == 2 and "needs DICOM series folders" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

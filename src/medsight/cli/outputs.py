@@ -174,6 +174,8 @@ def _predict_jobs(scans, out, model, overwrite, skip_existing, probabilities, op
     keep = overwrite or skip_existing
 
     def mask_name(path: Path) -> str:  # a picture gets a picture of its own size
+        if options.get("format") == "dicom-seg":
+            return f"{case(path)}.dcm"
         picture = path.is_file() and io.suffix_of(path) in io.FORMATS["image"].suffixes
         return f"{case(path)}.png" if picture else f"{case(path)}.nii.gz"
 

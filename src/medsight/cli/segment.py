@@ -177,6 +177,12 @@ def predict(
     ),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", help="auto (mixed on CUDA, 32 on CPU), 32, 16-mixed, bf16-mixed."),
+    output_format: str = typer.Option(
+        "nifti",
+        "--format",
+        help="nifti: <case>.nii.gz masks (<case>.png for pictures); dicom-seg: <case>.dcm, a DICOM SEG that "
+        "references the input series (DICOM folder inputs only), one segment per label named as in the checkpoint.",
+    ),
     overwrite: bool = typer.Option(False),
     skip_existing: bool = typer.Option(
         False,
@@ -199,6 +205,14 @@ def predict(
 
     if skip_existing and overwrite:
         raise MedsightError("--skip-existing keeps existing masks and --overwrite replaces them; choose one")
+    if output_format not in ("nifti", "dicom-seg"):
+        raise MedsightError(f"unknown --format '{output_format}'; use nifti or dicom-seg")
+    scans = _expand(inputs)
+    if output_format == "dicom-seg" and any(not p.is_dir() for p in scans):
+        raise MedsightError(
+            "--format dicom-seg needs DICOM series folders as inputs",
+            next(p for p in scans if not p.is_dir()),
+        )
     check_folder_writable(out)  # before loading anything
     predictor = Predictor(
         model,
@@ -208,10 +222,11 @@ def predict(
         device=device,
         precision=precision,
     )
-    options = dict(largest_component=largest_component, probabilities=save_probabilities, onnx=onnx, tta=tta)
-    with predict_outputs(
-        _expand(inputs), out, model, overwrite, skip_existing, save_probabilities, options
-    ) as jobs:
+    options = dict(
+        largest_component=largest_component, probabilities=save_probabilities, onnx=onnx, tta=tta,
+        format=output_format,
+    )  # fmt: skip
+    with predict_outputs(scans, out, model, overwrite, skip_existing, save_probabilities, options) as jobs:
         _segment(predictor, jobs, largest_component, overwrite)
 
 
@@ -222,7 +237,12 @@ def _segment(predictor, jobs, largest_component: bool, overwrite: bool) -> None:
 
     for path, target, prob_target in tqdm(jobs, desc="segmenting", disable=len(jobs) < 2):
         labels, probs = predictor.predict(io.read(path), largest_component=largest_component)
-        io.write(labels, target, overwrite=overwrite)
+        if target.name.endswith(".dcm"):  # --format dicom-seg
+            from medsight.io.dicom_seg import write_dicom_seg
+
+            write_dicom_seg(labels, path, predictor.labels, target, overwrite=overwrite)
+        else:
+            io.write(labels, target, overwrite=overwrite)
         if prob_target is not None:
             io.write(probs, prob_target, overwrite=overwrite)
         typer.echo(f"{path} -> {target}")
