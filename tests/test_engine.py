@@ -615,6 +615,7 @@ def test_time_budget_stops_after_the_epoch_that_passes_it(phantom, tmp_path):
 def test_predict_writes_a_dicom_seg_that_matches_the_nifti_mask(trained, phantom, tmp_path):
     import highdicom as hd
     import pydicom
+
     from dicom_factory import write_series
 
     image = io.read(phantom / "imagesTr" / "phantom_000.nii.gz").array[0]  # (X, Y, Z)
