@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,20 @@ def case_cache(tmp_path_factory):
         os.environ.pop("MEDSIGHT_CACHE", None)
     else:
         os.environ["MEDSIGHT_CACHE"] = previous
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """``cli(*args) -> (exit code, stdout, stderr)`` through ``main()``, as the `medsight` script runs, in process
+    (typer's CliRunner would skip main()'s one-line error handling)."""
+    from medsight.cli.main import main
+
+    def run(*args) -> tuple[int, str, str]:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["medsight", *(str(a) for a in args)])
+        with pytest.raises(SystemExit) as stop:
+            main()
+        captured = capsys.readouterr()
+        return stop.value.code, captured.out, captured.err
+
+    return run

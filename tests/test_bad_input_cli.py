@@ -4,7 +4,6 @@ so a traceback fails the test instead of being printed; checkpoints come from ti
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,22 +13,6 @@ import torch
 from medsight import Scan, io
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """``cli(*args) -> (exit code, stdout, stderr)`` through ``main()``, as the `medsight` script runs."""
-    from medsight.cli.main import main
-
-    def run(*args) -> tuple[int, str, str]:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["medsight", *(str(a) for a in args)])
-        with pytest.raises(SystemExit) as stop:
-            main()
-        captured = capsys.readouterr()
-        return stop.value.code, captured.out, captured.err
-
-    return run
 
 
 def one_error_line(err: str) -> str:

@@ -17,22 +17,6 @@ from medsight.errors import MedsightError
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """``cli(*args) -> (exit code, stdout, stderr)`` through the real entry point."""
-    from medsight.cli.main import main
-
-    def run(*args) -> tuple[int, str, str]:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["medsight", *(str(a) for a in args)])
-        with pytest.raises(SystemExit) as stop:
-            main()
-        captured = capsys.readouterr()
-        return stop.value.code, captured.out, captured.err
-
-    return run
-
-
 def error_line(err: str) -> str:
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("medsight: error:")]

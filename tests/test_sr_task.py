@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 import torch
 
 from medsight import Scan, io
 from medsight.engine import checkpoint
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """``cli(*args) -> (exit code, stdout, stderr)`` through ``main()``, as the `medsight` script runs."""
-    from medsight.cli.main import main
-
-    def run(*args) -> tuple[int, str, str]:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["medsight", *(str(a) for a in args)])
-        with pytest.raises(SystemExit) as stop:
-            main()
-        captured = capsys.readouterr()
-        return stop.value.code, captured.out, captured.err
-
-    return run
 
 
 def one_error(err: str) -> str:

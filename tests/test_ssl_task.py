@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,21 +45,6 @@ def _pretrain_checkpoint(path: Path, in_channels: int = 1, seed: int = 0) -> Pre
         },
     )
     return net
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    from medsight.cli.main import main
-
-    def run(*args) -> tuple[int, str, str]:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["medsight", *(str(a) for a in args)])
-        with pytest.raises(SystemExit) as stop:
-            main()
-        captured = capsys.readouterr()
-        return stop.value.code, captured.out, captured.err
-
-    return run
 
 
 # -- --init -----------------------------------------------------------------------------------------

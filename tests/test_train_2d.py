@@ -8,12 +8,13 @@ the files themselves (read with Pillow, Dice counted here), not from medsight's 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from medsight import Scan
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -36,22 +37,6 @@ def write_drive_like(root: Path, rgb: bool = True) -> Path:
             )
             Image.fromarray(np.full((SIZE, SIZE), 255, np.uint8)).save(root / split / "mask" / name)
     return root
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """``cli(*args) -> (exit code, stdout, stderr)`` through ``main()``, as the `medsight` script runs."""
-    from medsight.cli.main import main
-
-    def run(*args) -> tuple[int, str, str]:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["medsight", *(str(a) for a in args)])
-        with pytest.raises(SystemExit) as stop:
-            main()
-        captured = capsys.readouterr()
-        return stop.value.code, captured.out, captured.err
-
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +179,18 @@ def test_spacing_option_resamples_pictures():
     assert pre.image(volume).spatial_shape == (20, 30, 1)
     with pytest.raises(ValueError, match="2 positive values"):
         Preprocessing.fit([volume], [label], None, slice_wise=True, slice_axis=2, spacing=[2.0])
+
+
+def test_resampling_keeps_the_new_grid_while_monai_tracking_is_off():
+    from monai.data import get_track_meta, set_track_meta
+
+    from medsight.engine.preprocess import Preprocessing
+
+    scan = Scan(np.zeros((1, 8, 8, 4), np.float32), np.diag([1.0, 1.0, 2.0, 1.0]))
+    set_track_meta(False)
+    try:
+        out = Preprocessing([2.0, 2.0, 2.0]).resample(scan)
+    finally:
+        set_track_meta(True)
+    assert out.spatial_shape == (4, 4, 4) and np.allclose(np.diag(out.affine)[:3], 2.0)
+    assert get_track_meta()

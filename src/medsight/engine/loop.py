@@ -607,12 +607,19 @@ def fit(task: MedsightTask, cfg: LoopConfig) -> dict[str, Any]:
         print(
             f"resuming after epoch {len(saved['training']['history'])} (best score so far {saved['training']['best']:.4f})"
         )
+    from monai.data import get_track_meta, set_track_meta
+
+    # A task may turn MONAI's process-wide metadata tracking off for speed (LViT's crops); whatever
+    # runs next in this process (a prediction, another run) must get its MetaTensors back.
+    track_meta = get_track_meta()
     try:
         trainer.fit(task, ckpt_path=str(out / LIGHTNING_DIR / "last.ckpt") if saved is not None else None)
     except SystemExit:
         if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after a graceful shutdown
             raise KeyboardInterrupt from None
         raise
+    finally:
+        set_track_meta(track_meta)
     if trainer.interrupted:
         raise KeyboardInterrupt
     payload = {"task": task.name, **task.checkpoint_payload()}

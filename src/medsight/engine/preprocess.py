@@ -159,12 +159,19 @@ class Preprocessing:
     def resample(self, scan: Scan, label: bool = False) -> Scan:
         if self.target_spacing is None or scan.ndim != len(self.target_spacing):
             return scan
-        from monai.data import MetaTensor
+        from monai.data import MetaTensor, get_track_meta, set_track_meta
         from monai.transforms import Spacing
 
-        out = Spacing(pixdim=self.target_spacing, mode="nearest" if label else "bilinear")(
-            MetaTensor(scan.array.astype(np.float32), affine=scan.affine)
-        )
+        # The new affine comes back only on a MetaTensor, and MONAI drops metadata while its
+        # process-wide tracking is off (LViT turns it off for its crops): switch it on for this call.
+        tracking = get_track_meta()
+        set_track_meta(True)
+        try:
+            out = Spacing(pixdim=self.target_spacing, mode="nearest" if label else "bilinear")(
+                MetaTensor(scan.array.astype(np.float32), affine=scan.affine)
+            )
+        finally:
+            set_track_meta(tracking)
         arr = out.numpy()
         return Scan(
             np.rint(arr).astype(np.int64) if label else arr, out.affine.numpy(), dict(scan.meta), scan.path

@@ -144,13 +144,8 @@ class TextSegTask(MedsightTask):
     def model_name(self) -> str:
         return self.cfg.method
 
-    def teardown(self, stage: str) -> None:
-        from monai.data import set_track_meta
-
-        set_track_meta(getattr(self, "track_meta_before", True))
-
     def prepare(self) -> None:
-        from monai.data import get_track_meta, set_track_meta
+        from monai.data import set_track_meta
 
         from medsight.losses import WeightedCEDiceLoss
         from medsight.models.registry import build_model
@@ -171,10 +166,7 @@ class TextSegTask(MedsightTask):
         data["matches"] = (
             text_matches(data["labeled"], data["unlabeled"]) if self.semi and cfg.use_lv_loss else {}
         )
-        # MONAI's metadata tracking slows the crops down; it is a process-wide switch, so
-        # teardown() gives it back to whoever trains or predicts next in this process.
-        self.track_meta_before = get_track_meta()
-        set_track_meta(False)
+        set_track_meta(False)  # faster crops; fit() switches it back when training ends
         torch.manual_seed(cfg.seed)
         self.model_kwargs = dict(cfg.model_kwargs)
         if cfg.method == "lvit":
