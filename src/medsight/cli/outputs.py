@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,20 +80,13 @@ def locked_folder(out: Path) -> Iterator[Path]:
                 lock.unlink()
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_provenance(out: Path, model: Path, overwrite: bool) -> dict:
     """The provenance record this run will write; refuses a folder whose masks came from another
     checkpoint (by content hash) unless ``overwrite``, so two models' masks never mix unrecorded."""
     import json
 
     from medsight import __version__
+    from medsight.engine.checkpoint import sha256_of
 
     record = {
         "model": str(Path(model).resolve()),

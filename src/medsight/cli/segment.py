@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from medsight.cli.options import DEVICE, EMA_DECAY, NUM_WORKERS, PRECISION
 from medsight.cli.startup import import_monai
 
 model_app = typer.Typer(help="Inspect the networks: parameters and FLOPs.", no_args_is_help=True)
@@ -82,13 +83,10 @@ def train(
         "along them; `predict --tta` averages over them. On 2D images 0,1 also transposes: all eight "
         "rotations and mirror images (nuclei, cells). Off by default.",
     ),
-    ema_decay: float = typer.Option(
-        0.999,
-        help="Validate and keep a moving average of the weights with this decay (0: the weights as trained).",
-    ),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", help="auto (mixed on CUDA, 32 on CPU), 32, 16-mixed, bf16-mixed."),
-    num_workers: int = typer.Option(0, min=0, help="DataLoader processes sampling training batches."),
+    ema_decay: float = EMA_DECAY,
+    device: str = DEVICE,
+    precision: str = PRECISION,
+    num_workers: int = NUM_WORKERS,
     cache: Path = typer.Option(
         None,
         "--cache",
@@ -175,8 +173,8 @@ def predict(
     tta: bool = typer.Option(
         False, help="Average over mirror images along the model's training --mirror-axes (2^n passes)."
     ),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", help="auto (mixed on CUDA, 32 on CPU), 32, 16-mixed, bf16-mixed."),
+    device: str = DEVICE,
+    precision: str = PRECISION,
     output_format: str = typer.Option(
         "nifti",
         "--format",

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from medsight.cli.options import DEVICE, PRECISION
+
 sr_app = typer.Typer(
     help="Super-resolution of thick-slice and low-resolution scans (plain, or with semantic perception).",
     no_args_is_help=True,
@@ -65,8 +67,8 @@ def train(
     ema_decay: float = typer.Option(
         0.999, help="Validate and keep a moving average of the weights (0: off)."
     ),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", help="auto (mixed on CUDA, 32 on CPU), 32, 16-mixed, bf16-mixed."),
+    device: str = DEVICE,
+    precision: str = PRECISION,
     layout: str = typer.Option(None, help="Force a dataset layout instead of detecting it."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
@@ -105,7 +107,7 @@ def predict(
         None,
         help="High-resolution reference: also write <out>_compare.png and .html (interpolated | SR | reference).",
     ),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps."),
+    device: str = DEVICE,
     overwrite: bool = typer.Option(False, help="Replace the output if it exists."),
 ) -> None:
     """Super-resolve one scan; the output keeps every structure's world position (affine on the fine grid)."""

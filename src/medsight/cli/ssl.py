@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from medsight.cli.options import DEVICE, EMA_DECAY, NUM_WORKERS, PRECISION
 from medsight.cli.startup import import_monai
 
 
@@ -48,13 +49,10 @@ def pretrain(
     time_limit: float = typer.Option(
         None, help="Training budget in minutes; stops after the epoch that passes it."
     ),
-    ema_decay: float = typer.Option(
-        0.999,
-        help="Validate and keep a moving average of the weights with this decay (0: the weights as trained).",
-    ),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", help="auto (mixed on CUDA, 32 on CPU), 32, 16-mixed, bf16-mixed."),
-    num_workers: int = typer.Option(0, min=0, help="DataLoader processes sampling training batches."),
+    ema_decay: float = EMA_DECAY,
+    device: str = DEVICE,
+    precision: str = PRECISION,
+    num_workers: int = NUM_WORKERS,
     layout: str = typer.Option(None, help="Force a dataset layout instead of detecting it."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from medsight.cli.options import DEVICE, NUM_WORKERS, PRECISION
+
 textseg_app = typer.Typer(
     help="Text-guided, semi-supervised 2D segmentation (LViT): images, masks for some, a sentence each.",
     no_args_is_help=True,
@@ -72,9 +74,9 @@ def train(
         "--ema-decay",
         help="Validate, pseudo-label and save a moving average of the weights with this decay (0: off).",
     ),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", help="auto (mixed on CUDA, 32 on CPU), 32, 16-mixed, bf16-mixed."),
-    num_workers: int = typer.Option(0, min=0, help="DataLoader processes sampling training batches."),
+    device: str = DEVICE,
+    precision: str = PRECISION,
+    num_workers: int = NUM_WORKERS,
     out: Path = typer.Option(
         Path("runs/textseg"), "-o", "--out", help="Run folder: checkpoints, metrics, curve."
     ),

@@ -113,3 +113,14 @@ def load_weights(model, payload: dict[str, Any], path: str | Path) -> None:
             f"(checkpoint written by medsight {version}); retrain or use that version",
             path,
         ) from exc
+
+
+def sha256_of(path: str | Path) -> str:
+    """The file's SHA-256, read in blocks: what provenance and --init record of a checkpoint."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -11,7 +11,6 @@ every layer but the last (:func:`init_from_pretrained`).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -338,14 +337,6 @@ def predictor(path, **options):
 
 
 # -- transfer --------------------------------------------------------------------------------------
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_init(path: str | Path, method: str) -> dict[str, Any]:
     """The payload of a pretraining checkpoint that ``method`` can start from; one-line refusals."""
     from medsight.engine import checkpoint
@@ -366,6 +357,7 @@ def check_init(path: str | Path, method: str) -> dict[str, Any]:
 def init_from_pretrained(model: torch.nn.Module, path: str | Path, method: str) -> dict[str, Any]:
     """Load every layer but the last of a pretraining checkpoint into a fresh segmentation network;
     returns what to record: path, sha256, pretext and the loaded layers. Nothing is loaded on refusal."""
+    from medsight.engine import checkpoint
     from medsight.models.ssl import PretextUNet, load_transferable
 
     path = Path(path)
@@ -378,7 +370,7 @@ def init_from_pretrained(model: torch.nn.Module, path: str | Path, method: str) 
         raise MedsightError(f"--init: {error.message}", path) from None
     return {
         "path": str(path.resolve()),
-        "sha256": sha256_of(path),
+        "sha256": checkpoint.sha256_of(path),
         "pretext": payload.get("pretext"),
         "loaded_layers": len(loaded),
         "loaded": loaded,
