@@ -185,7 +185,7 @@ def test_pretrain_then_fine_tune_end_to_end(tmp_path, phantom, cli):
 
 @pytest.mark.slow
 def test_quick_benchmark_writes_every_key(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ssl.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "pretrain.py"
     spec = importlib.util.spec_from_file_location("ssl_benchmark", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -1,11 +1,11 @@
 """Self-supervised pretraining from imaging-plane geometry: what it is worth with 1-10 labelled volumes.
 
-    python benchmarks/ssl.py --stage pretrain --pretexts planes,position          # two processes side
-    python benchmarks/ssl.py --stage pretrain --pretexts planes+position,genesis  # by side, then
-    python benchmarks/ssl.py --stage finetune --shots 1,5 --draws 0,1,2
-    python benchmarks/ssl.py --stage brats          # the pretext alone on a second anatomy
-    python benchmarks/ssl.py --stage collect        # (every stage also collects) -> results/ssl.json
-    python benchmarks/ssl.py --quick                # smoke run on a phantom (a test runs it)
+    python benchmarks/pretrain.py --stage pretrain --pretexts planes,position          # two processes side
+    python benchmarks/pretrain.py --stage pretrain --pretexts planes+position,genesis  # by side, then
+    python benchmarks/pretrain.py --stage finetune --shots 1,5 --draws 0,1,2
+    python benchmarks/pretrain.py --stage brats          # the pretext alone on a second anatomy
+    python benchmarks/pretrain.py --stage collect        # (every stage also collects) -> results/ssl.json
+    python benchmarks/pretrain.py --quick                # smoke run on a phantom (a test runs it)
 
 Hippocampus, the segmentation benchmark's split (seed 0: 160 training, 40 validation volumes).
 Pretraining (``medsight pretrain`` = :class:`PretrainTask`) sees the 160 training volumes' images and
