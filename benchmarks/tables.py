@@ -79,7 +79,7 @@ def flat_table(path: Path) -> str:
 
 
 def ssl_table(path: Path) -> str:
-    return _script("ssl").table(json.loads(path.read_text()))
+    return _script("pretrain").table(json.loads(path.read_text()))  # pretrain.py writes results/ssl.json
 
 
 KINDS: dict[str, Callable[[Path], str]] = {

@@ -59,7 +59,7 @@ register_task(
     "a text-guided model", "medsight textseg predict",
 )  # fmt: skip
 register_task(
-    "caption", "medsight.tasks.sr:CaptionTask", "medsight.tasks.sr:predictor", None,
+    "caption", "medsight.tasks.caption:CaptionTask", "medsight.tasks.sr:predictor", None,
     "a caption network (the semantic step of `medsight sr train`)", "medsight sr train",
 )  # fmt: skip
 register_task(
