@@ -169,16 +169,38 @@ def evaluate_model(checkpoint: str, pairs) -> tuple[dict, dict]:
         rows.append(scores(pred, high, fg))
         preds[cid] = pred
     caption = predictor.payload.get("caption") or {}
-    extra = {"params": count_parameters(predictor.model)}
+    extra = {"params": count_parameters(predictor.model), "gflops_per_volume": gflops(predictor, pairs[0][1])}
     if caption:
         extra["caption"] = {k: caption[k] for k in ("sentences", "shuffled", "scores")}
     return summarise(rows, seconds, **extra), preds
 
 
+def gflops(predictor, low) -> float:
+    """FLOPs of super-resolving one validation volume (every plane through the network) / 1e9."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        predictor.predict(low)
+    return counter.get_total_flops() / 1e9
+
+
+def budget_of(setting: tuple, args) -> tuple[int, int, int, int]:
+    """(SR epochs, steps per epoch, caption epochs, caption steps): the setting's, or the overrides."""
+    _, _, _, epochs, steps, cap_epochs, cap_steps, _ = setting
+    return (
+        args.epochs or epochs,
+        args.steps_per_epoch or steps,
+        args.caption_epochs or cap_epochs,
+        args.steps_per_epoch or cap_steps,
+    )
+
+
 def train_config(config: str, data: Path, setting: tuple, runs: Path, args) -> tuple[str, dict]:
     from medsight.tasks.sr import SRConfig, train
 
-    _, mode, scale, epochs, steps, cap_epochs, cap_steps, crop = setting
+    _, mode, scale, *_, crop = setting
+    epochs, steps, cap_epochs, cap_steps = budget_of(setting, args)
     cfg = SRConfig(
         data=str(data), out=str(runs / config), mode=mode, scale=scale,
         method="plain" if config == "plain" else "semantic", shuffle_sentences=config == "semantic-shuffled",
@@ -198,17 +220,28 @@ def train_config(config: str, data: Path, setting: tuple, runs: Path, args) -> t
 
 def task_dice(data: Path, outputs: dict, pairs, runs: Path, args) -> dict:
     """Segmentation network trained on HR scans, applied to HR / interpolated / super-resolved scans."""
+    from medsight.engine.checkpoint import load as load_checkpoint
     from medsight.engine.infer import Predictor
     from medsight.tasks.segmentation import SegmentationConfig
     from medsight.tasks.segmentation import train as train_seg
 
-    cfg = SegmentationConfig(
-        method="context25d", data=str(data), out=str(runs / "segmentation"), epochs=args.seg_epochs,
-        steps_per_epoch=args.seg_steps, seed=0, split_seed=0, overwrite=True, progress=not args.quiet,
-        max_val_cases=8, device="cpu",
-    )  # fmt: skip
-    summary = train_seg(cfg)
-    predictor = Predictor(summary["best"], device="cpu")
+    if args.seg_checkpoint:
+        checkpoint, budget = args.seg_checkpoint, {"checkpoint": str(args.seg_checkpoint)}
+    else:
+        cfg = SegmentationConfig(
+            method="context25d", data=str(data), out=str(runs / "segmentation"), epochs=args.seg_epochs,
+            steps_per_epoch=args.seg_steps, seed=0, split_seed=0, overwrite=True, progress=not args.quiet,
+            max_val_cases=8, device="cpu",
+        )  # fmt: skip
+        checkpoint = train_seg(cfg)["best"]
+        budget = {"method": "context25d", "epochs": args.seg_epochs, "steps": args.seg_steps}
+    predictor, payload = Predictor(checkpoint, device="cpu"), load_checkpoint(checkpoint)
+    trained_on = set(payload["data"]["train_ids"])
+    if trained_on & {
+        cid for cid, *_ in pairs
+    }:  # a network that saw a validation scan would flatter every config
+        raise SystemExit(f"{checkpoint} was trained on some of the super-resolution validation cases")
+    budget.update(method=payload["model"]["name"], epochs_run=payload["training"]["epoch"])
     classes = [v for v in predictor.labels if v]
 
     def dice(scans: dict) -> float:
@@ -222,7 +255,7 @@ def task_dice(data: Path, outputs: dict, pairs, runs: Path, args) -> dict:
 
     out = {name: dice(scans) for name, scans in outputs.items()}
     out["high-resolution"] = dice({cid: high for cid, _, high, _, _ in pairs})
-    out["segmentation_budget"] = {"method": "context25d", "epochs": args.seg_epochs, "steps": args.seg_steps}
+    out["segmentation_budget"] = budget
     return out
 
 
@@ -259,8 +292,9 @@ def figure(name: str, pairs, outputs: dict, args) -> None:
 
 def table(results: dict) -> str:
     lines = [
-        "| setting | configuration | PSNR | SSIM | PSNR fg | SSIM fg | task Dice | s/volume | params | budget |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | configuration | PSNR | SSIM | PSNR fg | SSIM fg | task Dice | s/volume | params | GFLOPs/volume "
+        "| budget |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting, configs in results.get("results", {}).items():
         for config in CONFIGS:
@@ -275,14 +309,15 @@ def table(results: dict) -> str:
                 else r.get("interpolation", "")
             )
             dice = f"{r['task_dice']:.3f}" if "task_dice" in r else "-"
+            flops = f"{r['gflops_per_volume']:.2f}" if "gflops_per_volume" in r else "-"
             lines.append(
                 f"| {setting} | {config} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['psnr_fg']:.2f} | "
-                f"{r['ssim_fg']:.4f} | {dice} | {r['seconds_per_volume']:.3f} | {r['params']:,} | {budget} |"
+                f"{r['ssim_fg']:.4f} | {dice} | {r['seconds_per_volume']:.3f} | {r['params']:,} | {flops} | {budget} |"
             )
         if "high-resolution" in configs:
             lines.append(
                 f"| {setting} | high-resolution (ceiling) | - | - | - | - | "
-                f"{configs['high-resolution']['task_dice']:.3f} | - | - | - |"
+                f"{configs['high-resolution']['task_dice']:.3f} | - | - | - | - |"
             )
     return "\n".join(lines) + "\n"
 
@@ -294,6 +329,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "benchmark-sr")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=None, help="SR epochs (default: each setting's)")
+    parser.add_argument("--steps-per-epoch", type=int, default=None, help="SR and caption steps per epoch")
+    parser.add_argument("--caption-epochs", type=int, default=None, help="default: each setting's")
+    parser.add_argument(
+        "--seg-checkpoint",
+        type=Path,
+        default=None,
+        help="task-based score: a segmentation model trained on the high-resolution training scans "
+        "(e.g. benchmarks/segmentation.py's context25d best.pt); default: train one for --seg-epochs",
+    )
     parser.add_argument("--seg-epochs", type=int, default=5)
     parser.add_argument("--seg-steps", type=int, default=30)
     parser.add_argument("--task-setting", default="hippocampus/thick-x4")

@@ -274,6 +274,8 @@ def test_benchmark_quick_mode_writes_every_key(tmp_path):
     for config in ("interpolation", "plain", "semantic", "semantic-shuffled"):
         keys = {"psnr", "ssim", "psnr_fg", "ssim_fg", "seconds_per_volume", "params", "task_dice"}
         assert keys <= set(setting[config]), config
+    # the semantic branch (caption encoder + fusion) adds work to the plain network's
+    assert 0 < setting["plain"]["gflops_per_volume"] < setting["semantic"]["gflops_per_volume"]
     assert (
         setting["semantic"]["caption"]["shuffled"] is False
         and setting["semantic-shuffled"]["caption"]["shuffled"]
