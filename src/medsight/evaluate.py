@@ -416,6 +416,51 @@ def _image_case_metrics(pred, ref, pred_path: Path, mask=None) -> dict[str, floa
         raise MedsightError(str(err), pred_path) from err
 
 
+def _require_pairs(refs: dict, preds: dict, masks: dict, pred_dir: Path, mask_dir) -> None:
+    """Refuse a reference case without a prediction, or (with ``mask_dir``) without a foreground mask."""
+    no_mask = [c for c in refs if mask_dir is not None and c not in masks]
+    if no_mask:
+        raise MedsightError(f"no foreground mask for case(s): {', '.join(no_mask[:10])}", mask_dir)
+    missing = [c for c in refs if c not in preds]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
+        raise MedsightError(f"no prediction for {len(missing)} reference case(s): {shown}", pred_dir)
+
+
+def _labels_of_references(refs: dict[str, Path], ref_dir: Path, progress: bool) -> dict[int, str]:
+    """Every non-zero value in the references, named from a ``dataset.json`` when there is one (a first
+    pass over the references; their volumes are not kept in memory)."""
+    from tqdm import tqdm
+
+    from medsight import io
+
+    values: set[int] = set()
+    for ref_path in tqdm(refs.values(), desc="find labels", disable=not progress, unit="case"):
+        values.update(int(v) for v in np.unique(_spatial_labels(io.read(ref_path), ref_path)) if v != 0)
+    names = _label_names_from_dataset_json(ref_dir)
+    return {v: names.get(v, str(v)) for v in sorted(values)}
+
+
+def _case_rows(case: str, pred_path: Path, ref_path: Path, mask_path, kind: str, labels, tolerance_mm: float):
+    """The table rows of one case: one per label (``seg``) or one for the image (``image``)."""
+    from medsight import io
+
+    ref, pred = io.read(ref_path), io.read(pred_path)
+    pred = align_to(pred, ref, "prediction", "reference", cover=True)
+    if kind == "image":
+        if pred.channels != ref.channels:
+            raise MedsightError(f"{pred.channels} channels, the reference has {ref.channels}", pred_path)
+        mask = io.read(mask_path) if mask_path is not None else None
+        return [{"case": case, "label": "image", **_image_case_metrics(pred, ref, pred_path, mask)}]
+    per_label = segmentation_metrics(
+        _spatial_labels(pred, pred_path), _spatial_labels(ref, ref_path), ref.spacing, labels, tolerance_mm
+    )
+    return [
+        {"case": case, "label": name, "label_value": value, **per_label[name]}
+        for value, name in labels.items()
+    ]
+
+
 def evaluate_folders(
     pred_dir: str | Path,
     ref_dir: str | Path,
@@ -436,8 +481,6 @@ def evaluate_folders(
     import pandas as pd
     from tqdm import tqdm
 
-    from medsight import io
-
     if kind not in ("seg", "image"):
         raise MedsightError(f"kind must be 'seg' or 'image', got '{kind}'")
     if mask_dir is not None and kind != "image":
@@ -445,52 +488,23 @@ def evaluate_folders(
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     preds, refs = _case_files(pred_dir), _case_files(ref_dir)
     masks = _case_files(Path(mask_dir)) if mask_dir is not None else {}
-    no_mask = [c for c in refs if mask_dir is not None and c not in masks]
-    if no_mask:
-        raise MedsightError(f"no foreground mask for case(s): {', '.join(no_mask[:10])}", mask_dir)
-    missing = [c for c in refs if c not in preds]
-    if missing:
-        shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
-        raise MedsightError(f"no prediction for {len(missing)} reference case(s): {shown}", pred_dir)
+    _require_pairs(refs, preds, masks, pred_dir, mask_dir)
     extra = sorted(c for c in preds if c not in refs)
     if extra:
         warnings.warn(
             f"{pred_dir}: ignoring {len(extra)} prediction(s) without a reference: {', '.join(extra[:10])}",
             stacklevel=2,
         )
-
     if kind == "seg" and labels is None:
-        # a first pass over the references for their label values; volumes are not kept in memory
-        values: set[int] = set()
-        for ref_path in tqdm(refs.values(), desc="find labels", disable=not progress, unit="case"):
-            values.update(int(v) for v in np.unique(_spatial_labels(io.read(ref_path), ref_path)) if v != 0)
-        names = _label_names_from_dataset_json(ref_dir)
-        labels = {v: names.get(v, str(v)) for v in sorted(values)}
+        labels = _labels_of_references(refs, ref_dir, progress)
     if kind == "seg" and not labels:
         raise MedsightError("the references hold no non-zero label; nothing to evaluate", ref_dir)
 
     rows = []
     files = {}
     for case, ref_path in tqdm(refs.items(), desc="evaluate", disable=not progress, unit="case"):
-        pred_path = preds[case]
-        ref, pred = io.read(ref_path), io.read(pred_path)
-        pred = align_to(pred, ref, "prediction", "reference", cover=True)
-        files[case] = {"pred": pred_path, "ref": ref_path}
-        if kind == "image":
-            if pred.channels != ref.channels:
-                raise MedsightError(f"{pred.channels} channels, the reference has {ref.channels}", pred_path)
-            mask = io.read(masks[case]) if case in masks else None
-            rows.append({"case": case, "label": "image", **_image_case_metrics(pred, ref, pred_path, mask)})
-            continue
-        per_label = segmentation_metrics(
-            _spatial_labels(pred, pred_path),
-            _spatial_labels(ref, ref_path),
-            ref.spacing,
-            labels,
-            tolerance_mm,
-        )
-        for value, name in labels.items():
-            rows.append({"case": case, "label": name, "label_value": value, **per_label[name]})
+        rows += _case_rows(case, preds[case], ref_path, masks.get(case), kind, labels, tolerance_mm)
+        files[case] = {"pred": preds[case], "ref": ref_path}
 
     columns = ["case", "label"] + (
         ["label_value", *SEG_METRICS, *COUNT_COLUMNS]

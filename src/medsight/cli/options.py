@@ -12,3 +12,11 @@ EMA_DECAY = typer.Option(
     0.999,
     help="Validate and keep a moving average of the weights with this decay (0: the weights as trained).",
 )
+
+# Options every trainer shares: the run folder's fate, the budget, the seeds and the data layout.
+SEED = typer.Option(0, help="Seeds the split, the weights and the sampling: same seed, same run.")
+SPLIT_SEED = typer.Option(None, help="Seed of the train/validation split only (default: --seed).")
+TIME_LIMIT = typer.Option(None, help="Training budget in minutes; stops after the epoch that passes it.")
+LAYOUT = typer.Option(None, help="Force a dataset layout instead of detecting it.")
+RESUME = typer.Option(False, help="Continue the run in --out from its last checkpoint.")
+START_AFRESH = typer.Option(False, help="Start afresh even if --out holds a run.")

@@ -7,7 +7,18 @@ from pathlib import Path
 
 import typer
 
-from medsight.cli.options import DEVICE, EMA_DECAY, NUM_WORKERS, PRECISION
+from medsight.cli.options import (
+    DEVICE,
+    EMA_DECAY,
+    LAYOUT,
+    NUM_WORKERS,
+    PRECISION,
+    RESUME,
+    SEED,
+    SPLIT_SEED,
+    START_AFRESH,
+    TIME_LIMIT,
+)
 from medsight.cli.startup import import_monai
 
 model_app = typer.Typer(help="Inspect the networks: parameters and FLOPs.", no_args_is_help=True)
@@ -21,17 +32,55 @@ def register(app: typer.Typer) -> None:
     app.command("demo")(demo)
 
 
+# `train` options whose help takes several lines, named so that its signature stays a readable list.
+METHOD = typer.Option(
+    "context25d",
+    "--method",
+    help="unet2d, context25d, unet3d (2D images: unet2d); or fewshot-prototype, fewshot-local-prototype, "
+    "fewshot-conditional, fewshot-shared (the three heads on one encoder; self-supervised: labels are "
+    "ignored, validated on superpixel episodes of held-out images; see `medsight fewshot`).",
+)
+SPACING = typer.Option(
+    None,
+    help="Target spacing of the axes the network sees (3D: X,Y,Z; 2D/2.5D: the two in-plane axes), "
+    "instead of the training set's median; pictures have 1 per pixel, so 2,2 halves their resolution.",
+)
+SLICE_AXIS = typer.Option(
+    None,
+    min=0,
+    max=2,
+    help="Voxel axis that 2D/2.5D methods slide along. Default: the coarsest axis, or for "
+    "isotropic scans the one along which the labels extend furthest.",
+)
+VAL_FRACTION = typer.Option(
+    None,
+    help="Share of cases held out for validation when the layout has no split (default: 0.2; few-shot "
+    "0.1, whose validation episodes come from these images).",
+)
+MIRROR_AXES = typer.Option(
+    "",
+    help="Comma-separated voxel axes along which mirror images are plausible and keep their label "
+    "names, e.g. 0 for left-right on a bilateral organ without left/right labels. Training mirrors "
+    "along them; `predict --tta` averages over them. On 2D images 0,1 also transposes: all eight "
+    "rotations and mirror images (nuclei, cells). Off by default.",
+)
+CACHE = typer.Option(
+    None,
+    "--cache",
+    help="Folder of preprocessed cases, reused across runs (default: $MEDSIGHT_CACHE or ~/.cache/medsight).",
+)
+LABELED_CASES = typer.Option(
+    None,
+    min=1,
+    help="Keep only this many labelled training cases, drawn by --seed (validation untouched).",
+)
+
+
 def train(
     data: Path = typer.Option(
         ..., "--data", help="Dataset folder in any supported layout (see `medsight data inspect`)."
     ),
-    method: str = typer.Option(
-        "context25d",
-        "--method",
-        help="unet2d, context25d, unet3d (2D images: unet2d); or fewshot-prototype, fewshot-local-prototype, "
-        "fewshot-conditional, fewshot-shared (the three heads on one encoder; self-supervised: labels are "
-        "ignored, validated on superpixel episodes of held-out images; see `medsight fewshot`).",
-    ),
+    method: str = METHOD,
     out: Path = typer.Option(
         Path("runs/train"), "-o", "--out", help="Run folder: checkpoints, metrics.csv, curve."
     ),
@@ -44,79 +93,61 @@ def train(
         None, help="Patch (3D: X,Y,Z) or slice window (2D/2.5D: H,W), e.g. 64,64 (default: planned)."
     ),
     memory_budget: float = typer.Option(512.0, help="MB of activations per batch the plan aims at."),
-    spacing: str = typer.Option(
-        None,
-        help="Target spacing of the axes the network sees (3D: X,Y,Z; 2D/2.5D: the two in-plane axes), "
-        "instead of the training set's median; pictures have 1 per pixel, so 2,2 halves their resolution.",
-    ),
+    spacing: str = SPACING,
     lr: float = typer.Option(None, help="Learning rate (AdamW, poly decay; default: 0.002, few-shot 0.001)."),
     slices: int = typer.Option(5, help="Slices per stack for context25d (odd)."),
-    slice_axis: int = typer.Option(
-        None,
-        min=0,
-        max=2,
-        help="Voxel axis that 2D/2.5D methods slide along. Default: the coarsest axis, or for "
-        "isotropic scans the one along which the labels extend furthest.",
-    ),
-    val_fraction: float = typer.Option(
-        None,
-        help="Share of cases held out for validation when the layout has no split (default: 0.2; few-shot "
-        "0.1, whose validation episodes come from these images).",
-    ),
-    seed: int = typer.Option(0, help="Seeds the split, the weights and the sampling: same seed, same run."),
-    split_seed: int = typer.Option(None, help="Seed of the train/validation split only (default: --seed)."),
+    slice_axis: int = SLICE_AXIS,
+    val_fraction: float = VAL_FRACTION,
+    seed: int = SEED,
+    split_seed: int = SPLIT_SEED,
     patience: int = typer.Option(10, help="Stop after this many epochs without a better validation Dice."),
     max_val_cases: int = typer.Option(None, help="Validate on at most this many cases per epoch."),
-    time_limit: float = typer.Option(
-        None, help="Training budget in minutes; stops after the epoch that passes it."
-    ),
+    time_limit: float = TIME_LIMIT,
     augmentation: str = typer.Option(
         "spatial", help="none, intensity, or spatial (rotation and scaling on top of intensity)."
     ),
     class_weights: str = typer.Option(
         "auto", help="auto (log-damped inverse class frequency in the cross-entropy) or none."
     ),
-    mirror_axes: str = typer.Option(
-        "",
-        help="Comma-separated voxel axes along which mirror images are plausible and keep their label "
-        "names, e.g. 0 for left-right on a bilateral organ without left/right labels. Training mirrors "
-        "along them; `predict --tta` averages over them. On 2D images 0,1 also transposes: all eight "
-        "rotations and mirror images (nuclei, cells). Off by default.",
-    ),
+    mirror_axes: str = MIRROR_AXES,
     ema_decay: float = EMA_DECAY,
     device: str = DEVICE,
     precision: str = PRECISION,
     num_workers: int = NUM_WORKERS,
-    cache: Path = typer.Option(
-        None,
-        "--cache",
-        help="Folder of preprocessed cases, reused across runs (default: $MEDSIGHT_CACHE or ~/.cache/medsight).",
-    ),
-    layout: str = typer.Option(None, help="Force a dataset layout instead of detecting it."),
+    cache: Path = CACHE,
+    layout: str = LAYOUT,
     init: Path = typer.Option(
         None, help="Start unet2d from a `medsight pretrain` checkpoint (every layer but the last)."
     ),
-    labeled_cases: int = typer.Option(
-        None,
-        min=1,
-        help="Keep only this many labelled training cases, drawn by --seed (validation untouched).",
-    ),
+    labeled_cases: int = LABELED_CASES,
     labeled_ids: str = typer.Option(
         None, help="Keep only these labelled training cases (comma-separated ids)."
     ),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
-    overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
+    resume: bool = RESUME,
+    overwrite: bool = START_AFRESH,
 ) -> None:
     """Train a model with the method's task (segmentation, few-shot); under torchrun it trains on
     every process (DDP)."""
     import_monai()
     from medsight.engine.loop import fit
-    from medsight.engine.tta import parse_axes
-    from medsight.errors import MedsightError
     from medsight.tasks.registry import task_for_method
 
     options = dict(locals())  # every option is a config field of the same name
     task_class = task_for_method(method)
+    config = _config(task_class.config_class, _parsed(options), method)
+    summary = fit(task_class(config), config)
+    if summary["rank"] == 0:
+        typer.echo(f"best {task_class.score_name} {summary['best_val_score']:.4f}  ->  {summary['best']}")
+
+
+def _parsed(options: dict) -> dict:
+    """`train`'s options with the comma-separated ones as lists and the paths as strings, as the
+    configs take them; a malformed list is refused naming its option."""
+    from medsight.engine.tta import parse_axes
+    from medsight.errors import MedsightError
+
+    options = dict(options)
+    mirror_axes, patch_size, spacing = options["mirror_axes"], options["patch_size"], options["spacing"]
     try:
         options["mirror_axes"] = parse_axes(mirror_axes)
     except ValueError as error:
@@ -129,14 +160,11 @@ def train(
         options["spacing"] = [float(v) for v in spacing.split(",")] if spacing else None
     except ValueError:
         raise MedsightError(f"--spacing needs numbers like 2,2, not {spacing!r}") from None
-    options.update(
-        data=str(data), out=str(out), init=str(init) if init else None, cache=str(cache) if cache else None
-    )
+    for name in ("data", "out", "init", "cache"):
+        options[name] = str(options[name]) if options[name] else None
+    labeled_ids = options["labeled_ids"]
     options["labeled_ids"] = [i.strip() for i in labeled_ids.split(",") if i.strip()] if labeled_ids else None
-    config = _config(task_class.config_class, options, method)
-    summary = fit(task_class(config), config)
-    if summary["rank"] == 0:
-        typer.echo(f"best {task_class.score_name} {summary['best_val_score']:.4f}  ->  {summary['best']}")
+    return options
 
 
 def _config(config_class, options: dict, method: str):

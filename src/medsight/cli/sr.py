@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from medsight.cli.options import DEVICE, PRECISION
+from medsight.cli.options import DEVICE, LAYOUT, PRECISION, RESUME, SEED, SPLIT_SEED, START_AFRESH, TIME_LIMIT
 
 sr_app = typer.Typer(
     help="Super-resolution of thick-slice and low-resolution scans (plain, or with semantic perception).",
@@ -53,25 +53,23 @@ def train(
     features: int = typer.Option(32, min=4, help="Feature channels of the SR network."),
     blocks: int = typer.Option(4, min=1, help="Distillation blocks of the SR network."),
     val_fraction: float = typer.Option(0.2, help="Share of cases held out when the layout has no split."),
-    split_seed: int = typer.Option(None, help="Seed of the train/validation split only (default: --seed)."),
+    split_seed: int = SPLIT_SEED,
     max_val_cases: int = typer.Option(8, min=1, help="Validate on at most this many cases per epoch."),
     epochs: int = typer.Option(20, min=1),
     steps_per_epoch: int = typer.Option(50, min=1, help="Optimiser steps per epoch."),
     batch_size: int = typer.Option(16, min=1, help="Crops per step."),
     lr: float = typer.Option(2e-3),
-    seed: int = typer.Option(0, help="Seeds the split, the weights and the sampling: same seed, same run."),
+    seed: int = SEED,
     patience: int = typer.Option(10, help="Stop after this many epochs without a better validation PSNR."),
-    time_limit: float = typer.Option(
-        None, help="Training budget in minutes; stops after the epoch that passes it."
-    ),
+    time_limit: float = TIME_LIMIT,
     ema_decay: float = typer.Option(
         0.999, help="Validate and keep a moving average of the weights (0: off)."
     ),
     device: str = DEVICE,
     precision: str = PRECISION,
-    layout: str = typer.Option(None, help="Force a dataset layout instead of detecting it."),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
-    overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
+    layout: str = LAYOUT,
+    resume: bool = RESUME,
+    overwrite: bool = START_AFRESH,
 ) -> None:
     """Train a super-resolution network on low-/high-resolution pairs made from DATA on the fly."""
     from medsight.tasks.sr import SRConfig

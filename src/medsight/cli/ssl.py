@@ -6,7 +6,17 @@ from pathlib import Path
 
 import typer
 
-from medsight.cli.options import DEVICE, EMA_DECAY, NUM_WORKERS, PRECISION
+from medsight.cli.options import (
+    DEVICE,
+    EMA_DECAY,
+    LAYOUT,
+    NUM_WORKERS,
+    PRECISION,
+    RESUME,
+    SEED,
+    START_AFRESH,
+    TIME_LIMIT,
+)
 from medsight.cli.startup import import_monai
 
 
@@ -41,21 +51,19 @@ def pretrain(
     views: int = typer.Option(2, min=1, help="Long-axis views per stack for volumes without scanner views."),
     val_fraction: float = typer.Option(0.2, help="Share of volumes held out to score the pretext."),
     max_val_cases: int = typer.Option(None, help="Score the pretext on at most this many held-out volumes."),
-    seed: int = typer.Option(0, help="Seeds the split, the weights and the sampling: same seed, same run."),
+    seed: int = SEED,
     split_seed: int = typer.Option(
         None, help="Seed of the split only (default: --seed; the same split as `medsight train`)."
     ),
     patience: int = typer.Option(10, help="Stop after this many epochs without a lower validation loss."),
-    time_limit: float = typer.Option(
-        None, help="Training budget in minutes; stops after the epoch that passes it."
-    ),
+    time_limit: float = TIME_LIMIT,
     ema_decay: float = EMA_DECAY,
     device: str = DEVICE,
     precision: str = PRECISION,
     num_workers: int = NUM_WORKERS,
-    layout: str = typer.Option(None, help="Force a dataset layout instead of detecting it."),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
-    overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
+    layout: str = LAYOUT,
+    resume: bool = RESUME,
+    overwrite: bool = START_AFRESH,
 ) -> None:
     """Pretrain a unet2d on unlabeled scans; `medsight train --method unet2d --init OUT/best.pt` fine-tunes it."""
     import_monai()

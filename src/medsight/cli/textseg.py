@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from medsight.cli.options import DEVICE, NUM_WORKERS, PRECISION
+from medsight.cli.options import DEVICE, NUM_WORKERS, PRECISION, START_AFRESH, TIME_LIMIT
 
 textseg_app = typer.Typer(
     help="Text-guided, semi-supervised 2D segmentation (LViT): images, masks for some, a sentence each.",
@@ -64,9 +64,7 @@ def train(
     steps_per_epoch: int = typer.Option(25, min=1, help="Optimiser steps per epoch."),
     batch_size: int = typer.Option(4, min=1),
     lr: float = typer.Option(2e-3),
-    time_limit: float = typer.Option(
-        None, help="Training budget in minutes; stops after the epoch that passes it."
-    ),
+    time_limit: float = TIME_LIMIT,
     patience: int = typer.Option(10, help="Stop after this many epochs without a better validation Dice."),
     seed: int = typer.Option(0, help="Seeds the split, the labeled subset, the weights and the sampling."),
     ema_decay: float = typer.Option(
@@ -80,7 +78,7 @@ def train(
     out: Path = typer.Option(
         Path("runs/textseg"), "-o", "--out", help="Run folder: checkpoints, metrics, curve."
     ),
-    overwrite: bool = typer.Option(False, help="Start afresh even if --out holds a run."),
+    overwrite: bool = START_AFRESH,
     resume: bool = typer.Option(
         False, help="Continue the run in --out from its last epoch (same options as when it started)."
     ),

@@ -202,6 +202,26 @@ def _place(
     raise MedsightError(f"could not fit a {what} into the phantom; use a larger shape or fewer structures")
 
 
+def _checked_grid(shape, spacing, ndim: int, min_size: int) -> tuple[tuple[int, ...], np.ndarray]:
+    """``shape`` as ints and ``spacing`` as floats, refused unless ``ndim`` sizes >= ``min_size`` and
+    positive spacing."""
+    shape, spacing = tuple(int(s) for s in shape), np.asarray(spacing, dtype=float)
+    if len(shape) != ndim or len(spacing) != ndim or min(shape) < min_size or np.any(spacing <= 0):
+        count = {2: "two", 3: "three"}[ndim]
+        raise MedsightError(
+            f"{ndim}D phantom needs {count} sizes >= {min_size} and positive spacing, got {shape}, "
+            f"{tuple(spacing)}"
+        )
+    return shape, spacing
+
+
+def _phantom_scans(image, label, affine, facts: dict, names: dict[int, str]) -> tuple[Scan, Scan, str]:
+    """The ``(image, label, text)`` triple on one affine; each scan's meta holds its own copy of ``facts``."""
+    image_scan = Scan(image, affine, meta={"phantom": facts})
+    label_scan = Scan.from_spatial(label, affine.copy(), meta={"phantom": dict(facts)})
+    return image_scan, label_scan, describe(label_scan, names=names)
+
+
 # -- 3D ------------------------------------------------------------------------------------------
 def make_phantom_3d(
     seed: int,
@@ -224,21 +244,37 @@ def make_phantom_3d(
     multiplicative bias field (the field is ``exp(bias * (ramp + 0.3 * smooth noise))``). Voxel axes
     are RAS (i to the patient's right, j anterior, k superior); the volume is centred on world 0.
     """
-    from scipy import ndimage
-
-    shape, spacing = tuple(int(s) for s in shape), np.asarray(spacing, dtype=float)
-    if len(shape) != 3 or len(spacing) != 3 or min(shape) < 8 or np.any(spacing <= 0):
-        raise MedsightError(
-            f"3D phantom needs three sizes >= 8 and positive spacing, got {shape}, {tuple(spacing)}"
-        )
+    shape, spacing = _checked_grid(shape, spacing, 3, 8)
     if not 1 <= n_structures <= len(LABELS_3D):
         raise MedsightError(f"n_structures must be 1..{len(LABELS_3D)}, got {n_structures}")
     if not 1 <= channels <= len(CHANNEL_NAMES_3D):
         raise MedsightError(f"channels must be 1..{len(CHANNEL_NAMES_3D)}, got {channels}")
     rng = np.random.default_rng(seed)
+    tissues, scale = _abdomen(rng, shape, spacing)
+    label = _structures(rng, n_structures, tissues["allowed"], spacing, scale)
+
+    # Tissue intensities with mild texture, then partial-volume blur, bias field and Rician noise.
+    textures = _smooth_field(rng, shape, cycles=3), _smooth_field(rng, shape, cycles=5)
+    bias_field = _bias_field(rng, shape, spacing, bias)
+    # Channel 0 draws exactly what a one-channel phantom draws; the other contrasts draw afterwards.
+    contrasts = [TISSUE_INTENSITY_3D, *list(EXTRA_CONTRASTS_3D.values())[: channels - 1]]
+    image = np.stack(
+        [_rician(rng, _contrast(t, tissues, label, textures, spacing) * bias_field, noise) for t in contrasts]
+    )
+
+    affine = Scan.affine_from_spacing(spacing, origin=-(np.asarray(shape) - 1) / 2 * spacing)
+    names = {v: LABELS_3D[v] for v in range(1, n_structures + 1)}
+    facts = {"seed": int(seed), "labels": names, "noise": noise, "bias": bias, "modality": "MRI"}
+    return _phantom_scans(image, label, affine, facts, names)
+
+
+def _abdomen(rng: np.random.Generator, shape, spacing: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
+    """The body's tissue masks (``fat`` rim, ``interior``, the unlabelled ``organ``, and ``allowed``: where
+    structures may lie, clear of the rim) and the size scale of the structures."""
+    from scipy import ndimage
+
     extent = np.asarray(shape) * spacing
     centre = extent / 2
-
     # Body: wider left-right than front-back, running past both ends of the stack like a real abdomen.
     body_radii = extent * np.array([0.44, 0.37, 0.75]) * rng.uniform(0.9, 1.0, 3)
     body = _Blob(rng, body_radii, _tilted_rotation(rng, 0.1), roughness=0.05, frequency=0.3).mask(
@@ -246,81 +282,87 @@ def make_phantom_3d(
     )
     depth = ndimage.distance_transform_edt(body, sampling=spacing)
     rim_mm = rng.uniform(2.5, 4.0)
-    fat = body & (depth < rim_mm)
     interior = body & (depth >= rim_mm)
     scale = min(body_radii[:2]) / 24.0  # structure sizes follow the body, so small or large shapes both work
 
     organ_centre = centre + extent * np.array([rng.choice([-0.12, 0.12]), rng.uniform(-0.05, 0.1), 0.0])
     organ = _Blob(rng, body_radii * [0.5, 0.55, 0.6], _random_rotation(rng, 3), 0.1, 0.35)
-    organ = organ.mask(shape, spacing, organ_centre) & interior
+    tissues = {
+        "fat": body & (depth < rim_mm),
+        "interior": interior,
+        "organ": organ.mask(shape, spacing, organ_centre) & interior,
+        "allowed": body & (depth >= rim_mm + max(2 * spacing.min(), 1.0)),
+    }
+    return tissues, scale
 
-    allowed = body & (depth >= rim_mm + max(2 * spacing.min(), 1.0))
-    min_voxels = 6
-    label = np.zeros(shape, dtype=np.uint8)
-    occupied = np.zeros(shape, dtype=bool)
+
+def _structures(rng: np.random.Generator, n_structures: int, allowed, spacing, scale: float) -> np.ndarray:
+    """The label map: every focus of the first ``n_structures`` of :data:`LABELS_3D` inside ``allowed``,
+    none touching another."""
+    label = np.zeros(allowed.shape, dtype=np.uint8)
+    occupied = np.zeros(allowed.shape, dtype=bool)
     for value in range(1, n_structures + 1):
         name = LABELS_3D[value]
-        if name == "cyst":
-            radii = rng.uniform(3.5, 6.5) * scale * rng.uniform(0.85, 1.15, 3)
-            blob = _Blob(rng, radii, _random_rotation(rng, 3), 0.08, 0.3)
-            foci = [blob.scaled]
-        elif name == "vessel":
-            radii = np.array([rng.uniform(2.5, 3.8), rng.uniform(2.5, 3.8), rng.uniform(14, 22)]) * scale
-            blob = _Blob(rng, radii, _tilted_rotation(rng, 0.5), 0.12, 0.4)
-            foci = [blob.scaled]
-        else:
-            foci = []
-            for _ in range(int(rng.integers(1, 4))):
-                radii = rng.uniform(2.5, 4.5) * scale * rng.uniform(0.7, 1.3, 3)
-                blob = _Blob(rng, radii, _random_rotation(rng, 3), 0.3, 0.8)
-                foci.append(blob.scaled)
-        for focus in foci:
-            mask = _place(rng, focus, allowed, occupied, spacing, min_voxels, name)
+        for focus in _foci(rng, name, scale):
+            mask = _place(rng, focus, allowed, occupied, spacing, min_voxels=6, what=name)
             label[mask] = value
             occupied |= mask
+    return label
 
-    # Tissue intensities with mild texture, then partial-volume blur, bias field and Rician noise.
-    texture = _smooth_field(rng, shape, cycles=3)
-    lesion_texture = _smooth_field(rng, shape, cycles=5)
 
-    def tissue_image(t: dict[str, float]) -> np.ndarray:
-        tissue = np.zeros(shape, dtype=np.float64)
-        tissue[interior] = t["parenchyma"] * (1 + 0.04 * texture[interior])
-        tissue[organ] = t["organ"] * (1 + 0.04 * texture[organ])
-        tissue[fat] = t["fat"]
-        for value, name in LABELS_3D.items():
-            where = label == value
-            heterogeneity = 0.12 if name == "tumour" else 0.0
-            tissue[where] = t[name] * (1 + heterogeneity * lesion_texture[where])
-        return ndimage.gaussian_filter(tissue, sigma=0.6 / spacing * spacing.min())
+def _foci(rng: np.random.Generator, name: str, scale: float) -> list:
+    """The shapes of one structure's foci, as ``scale -> _Blob`` for :func:`_place`: a roundish cyst,
+    a vessel running head-to-foot, or one to three lumpy tumour foci."""
+    if name == "cyst":
+        radii = rng.uniform(3.5, 6.5) * scale * rng.uniform(0.85, 1.15, 3)
+        return [_Blob(rng, radii, _random_rotation(rng, 3), 0.08, 0.3).scaled]
+    if name == "vessel":
+        radii = np.array([rng.uniform(2.5, 3.8), rng.uniform(2.5, 3.8), rng.uniform(14, 22)]) * scale
+        return [_Blob(rng, radii, _tilted_rotation(rng, 0.5), 0.12, 0.4).scaled]
+    foci = []
+    for _ in range(int(rng.integers(1, 4))):
+        radii = rng.uniform(2.5, 4.5) * scale * rng.uniform(0.7, 1.3, 3)
+        foci.append(_Blob(rng, radii, _random_rotation(rng, 3), 0.3, 0.8).scaled)
+    return foci
 
-    tissue = tissue_image(TISSUE_INTENSITY_3D)
 
+def _contrast(intensity: dict[str, float], tissues, label, textures, spacing: np.ndarray) -> np.ndarray:
+    """One MRI contrast: each tissue at its ``intensity``, textured (``textures``: of the parenchyma and
+    organ, of the tumour), blurred as partial volumes blur it."""
+    from scipy import ndimage
+
+    texture, lesion_texture = textures
+    interior, organ = tissues["interior"], tissues["organ"]
+    tissue = np.zeros(label.shape, dtype=np.float64)
+    tissue[interior] = intensity["parenchyma"] * (1 + 0.04 * texture[interior])
+    tissue[organ] = intensity["organ"] * (1 + 0.04 * texture[organ])
+    tissue[tissues["fat"]] = intensity["fat"]
+    for value, name in LABELS_3D.items():
+        where = label == value
+        heterogeneity = 0.12 if name == "tumour" else 0.0
+        tissue[where] = intensity[name] * (1 + heterogeneity * lesion_texture[where])
+    return ndimage.gaussian_filter(tissue, sigma=0.6 / spacing * spacing.min())
+
+
+def _bias_field(rng: np.random.Generator, shape, spacing: np.ndarray, bias: float) -> np.ndarray:
+    """``exp(bias * (ramp + 0.3 * smooth noise))``: the ramp runs along a random direction and is +-1
+    at the volume's corners along it."""
+    extent = np.asarray(shape) * spacing
     direction = rng.standard_normal(3)
     direction /= np.linalg.norm(direction)
     grids = np.meshgrid(
-        *[(np.arange(n) + 0.5) * s - c for n, s, c in zip(shape, spacing, centre, strict=True)], indexing="ij"
+        *[(np.arange(n) + 0.5) * s - c for n, s, c in zip(shape, spacing, extent / 2, strict=True)],
+        indexing="ij",
     )
     ramp = sum(g * d for g, d in zip(grids, direction, strict=True)) / (np.abs(direction) @ (extent / 2))
-    bias_field = np.exp(bias * (ramp + 0.3 * _smooth_field(rng, shape, cycles=1.5)))
+    return np.exp(bias * (ramp + 0.3 * _smooth_field(rng, shape, cycles=1.5)))
 
-    def rician(signal: np.ndarray) -> np.ndarray:
-        real = rng.standard_normal(shape)
-        imaginary = rng.standard_normal(shape)
-        return np.sqrt((signal + noise * real) ** 2 + (noise * imaginary) ** 2).astype(np.float32)
 
-    # Channel 0 draws exactly what a one-channel phantom draws; the other contrasts draw afterwards.
-    image = np.stack(
-        [rician(tissue * bias_field)]
-        + [rician(tissue_image(t) * bias_field) for t in list(EXTRA_CONTRASTS_3D.values())[: channels - 1]]
-    )
-
-    affine = Scan.affine_from_spacing(spacing, origin=-(np.asarray(shape) - 1) / 2 * spacing)
-    names = {v: LABELS_3D[v] for v in range(1, n_structures + 1)}
-    meta = {"phantom": {"seed": int(seed), "labels": names, "noise": noise, "bias": bias, "modality": "MRI"}}
-    image_scan = Scan(image, affine, meta=meta)
-    label_scan = Scan.from_spatial(label, affine.copy(), meta={"phantom": dict(meta["phantom"])})
-    return image_scan, label_scan, describe(label_scan, names=names)
+def _rician(rng: np.random.Generator, signal: np.ndarray, noise: float) -> np.ndarray:
+    """The magnitude of ``signal`` plus complex Gaussian noise of sigma ``noise``, as MRI measures it."""
+    real = rng.standard_normal(signal.shape)
+    imaginary = rng.standard_normal(signal.shape)
+    return np.sqrt((signal + noise * real) ** 2 + (noise * imaginary) ** 2).astype(np.float32)
 
 
 # -- 2D ------------------------------------------------------------------------------------------
@@ -340,19 +382,23 @@ def make_phantom_2d(
     ``rgb`` the image is uint8 (3, rows, cols); without, one grey (brightfield luminance) uint8 channel.
     ``noise`` is the optical-density noise sigma.
     """
-    from scipy import ndimage
-
-    shape, spacing = tuple(int(s) for s in shape), np.asarray(spacing, dtype=float)
-    if len(shape) != 2 or len(spacing) != 2 or min(shape) < 32 or np.any(spacing <= 0):
-        raise MedsightError(
-            f"2D phantom needs two sizes >= 32 and positive spacing, got {shape}, {tuple(spacing)}"
-        )
+    shape, spacing = _checked_grid(shape, spacing, 2, 32)
     rng = np.random.default_rng(seed)
     count = int(rng.integers(15, 31)) if n_structures is None else int(n_structures)
     if count < 1:
         raise MedsightError(f"n_structures must be at least 1, got {count}")
+    crowd = _crowded_region(rng, shape)
+    scale = min(shape) / 128.0
+    label = _nuclei(rng, count, crowd, spacing, scale)
+    image = _stained(rng, label, scale, noise, rgb)
 
-    # Where nuclei crowd: a quadrant, a half, or evenly, in image terms (row 0 is the top).
+    affine = Scan.affine_from_spacing(spacing, origin=(0.01, 0.02))
+    facts = {"seed": int(seed), "labels": dict(LABELS_2D), "modality": "H&E microscopy"}
+    return _phantom_scans(image, label, affine, facts, LABELS_2D)
+
+
+def _crowded_region(rng: np.random.Generator, shape) -> np.ndarray:
+    """Where nuclei crowd: a quadrant, a half, or evenly, in image terms (row 0 is the top)."""
     rows, cols = np.indices(shape)
     regions = {
         "even": np.ones(shape, bool),
@@ -363,11 +409,14 @@ def make_phantom_2d(
         "left": cols < shape[1] / 2,
         "right": cols >= shape[1] / 2,
     }
-    crowd = regions[list(regions)[rng.integers(len(regions))]]
+    return regions[list(regions)[rng.integers(len(regions))]]
+
+
+def _nuclei(rng: np.random.Generator, count: int, crowd, spacing: np.ndarray, scale: float) -> np.ndarray:
+    """The label map of ``count`` separate nuclei, 60% of them inside ``crowd`` when they fit there."""
+    shape = crowd.shape
     edge = np.zeros(shape, bool)
     edge[3:-3, 3:-3] = True
-
-    scale = min(shape) / 128.0
     label = np.zeros(shape, dtype=np.uint8)
     occupied = np.zeros(shape, dtype=bool)
     for index in range(count):
@@ -382,7 +431,16 @@ def make_phantom_2d(
             mask = _place(rng, blob.scaled, edge, occupied, spacing, 6, "nucleus")
         label[mask] = 1
         occupied |= mask
+    return label
 
+
+def _stained(
+    rng: np.random.Generator, label: np.ndarray, scale: float, noise: float, rgb: bool
+) -> np.ndarray:
+    """The brightfield picture (uint8, RGB or grey luminance) of the tissue stained with H&E."""
+    from scipy import ndimage
+
+    shape = label.shape
     # Stain concentrations: eosin stroma with gaps of bare slide, haematoxylin-dense nuclei.
     stroma = np.clip(0.55 + 0.35 * _smooth_field(rng, shape, cycles=3), 0.0, 1.0)
     fibres = np.abs(_smooth_field(rng, shape, cycles=10))
@@ -395,15 +453,8 @@ def make_phantom_2d(
     od = od + noise * rng.standard_normal(od.shape)
     colour = np.clip(255 * np.exp(-np.clip(od, 0, None)), 0, 255)
     if rgb:
-        image = np.moveaxis(colour, -1, 0).round().astype(np.uint8)
-    else:
-        image = (colour @ np.array([0.299, 0.587, 0.114]))[None].round().astype(np.uint8)
-
-    affine = Scan.affine_from_spacing(spacing, origin=(0.01, 0.02))
-    meta = {"phantom": {"seed": int(seed), "labels": dict(LABELS_2D), "modality": "H&E microscopy"}}
-    image_scan = Scan(image, affine, meta=meta)
-    label_scan = Scan.from_spatial(label, affine.copy(), meta={"phantom": dict(meta["phantom"])})
-    return image_scan, label_scan, describe(label_scan, names=LABELS_2D)
+        return np.moveaxis(colour, -1, 0).round().astype(np.uint8)
+    return (colour @ np.array([0.299, 0.587, 0.114]))[None].round().astype(np.uint8)
 
 
 # -- text ----------------------------------------------------------------------------------------

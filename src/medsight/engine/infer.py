@@ -108,6 +108,30 @@ def largest_components(labels: np.ndarray) -> np.ndarray:
     return out
 
 
+def _require_segmentation(payload: dict, ckpt_path) -> None:
+    """Refuse a checkpoint of another task, naming the command that segments with it."""
+    from medsight.tasks.registry import get_task, task_of
+
+    task = get_task(task_of(payload), ckpt_path)
+    if task.name != "segmentation":
+        raise MedsightError(
+            f"is {task.what} ({payload['model']['name']}), not a unet2d/context25d/unet3d checkpoint; "
+            f"segment with `{task.command}` instead",
+            ckpt_path,
+        )
+
+
+def _stored_values(payload: dict, labels: dict[int, str]) -> dict[int, int]:
+    """Class value -> the value the training label files stored it as (0/255 pictures stay 0/255),
+    so a prediction compares with the dataset's own masks; the lowest stored value when several map
+    to one class."""
+    mapping = {int(k): int(v) for k, v in payload.get("label_mapping", {}).items()}
+    stored: dict[int, int] = {}
+    for raw, value in sorted(mapping.items()):
+        stored.setdefault(value, raw)
+    return {v: stored.get(v, v) for v in labels}
+
+
 class Predictor:
     """Everything needed to segment a scan, rebuilt from one checkpoint file.
 
@@ -126,19 +150,12 @@ class Predictor:
         precision: str = "auto",
     ):
         from medsight.engine.loop import resolve_device, resolve_precision
-        from medsight.tasks.registry import get_task, task_of
 
         self.device = resolve_device(device) if backend == "torch" else None
         self.precision = resolve_precision(precision, self.device) if self.device is not None else "32-true"
         payload = checkpoint.load(ckpt_path)
         self.path = Path(ckpt_path)
-        task = get_task(task_of(payload), ckpt_path)
-        if task.name != "segmentation":
-            raise MedsightError(
-                f"is {task.what} ({payload['model']['name']}), not a unet2d/context25d/unet3d checkpoint; "
-                f"segment with `{task.command}` instead",
-                ckpt_path,
-            )
+        _require_segmentation(payload, ckpt_path)
         # Test-time mirroring only along the axes the model was trained to see mirrored: along any
         # other (left/right of a lateralised label set) the mirror image would get the wrong names.
         self.mirror_axes = tuple(payload.get("mirror_axes", ()))
@@ -152,57 +169,59 @@ class Predictor:
         self.slices = int(self.model_info.get("slices", 1))
         self.patch = tuple(payload["patch"])
         self.labels: dict[int, str] = {int(k): v for k, v in payload["labels"].items()}
-        # Masks hold the values the training label files stored (0/255 pictures stay 0/255), so a
-        # prediction compares with the dataset's own masks.
-        mapping = {int(k): int(v) for k, v in payload.get("label_mapping", {}).items()}
-        stored = {}
-        for raw, value in sorted(mapping.items()):
-            stored.setdefault(value, raw)
-        self.stored_values = {v: stored.get(v, v) for v in self.labels}
+        self.stored_values = _stored_values(payload, self.labels)
         self.pre = Preprocessing.from_dict(payload["preprocessing"])
-        if backend == "onnx":
-            import onnxruntime as ort
+        self.forward: Forward = (
+            self._onnx_forward(onnx_path) if backend == "onnx" else self._torch_forward(payload)
+        )
 
-            if not Path(onnx_path).is_file():
-                raise MedsightError("no such ONNX file", onnx_path)
+    def _onnx_forward(self, onnx_path: str | Path) -> Forward:
+        """The network as an onnxruntime session on the CPU; an export of another checkpoint is
+        refused at its first run."""
+        import onnxruntime as ort
+
+        if not Path(onnx_path).is_file():
+            raise MedsightError("no such ONNX file", onnx_path)
+        try:
+            session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own: not protobuf, truncated, unsupported graph
+            raise MedsightError(
+                f"not a readable ONNX model ({type(exc).__name__}); write one with `medsight export`",
+                onnx_path,
+            ) from exc
+        name = session.get_inputs()[0].name
+
+        def run_onnx(x: np.ndarray) -> np.ndarray:
             try:
-                session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-            except Exception as exc:  # onnxruntime's own: not protobuf, truncated, unsupported graph
+                return session.run(None, {name: x})[0]
+            except Exception as exc:  # a model exported from another checkpoint: other inputs
                 raise MedsightError(
-                    f"not a readable ONNX model ({type(exc).__name__}); write one with `medsight export`",
+                    f"does not fit the checkpoint {self.path.name} ({type(exc).__name__}); export "
+                    "it from that checkpoint with `medsight export`",
                     onnx_path,
                 ) from exc
-            name = session.get_inputs()[0].name
 
-            def run_onnx(x: np.ndarray) -> np.ndarray:
-                try:
-                    return session.run(None, {name: x})[0]
-                except Exception as exc:  # a model exported from another checkpoint: other inputs
-                    raise MedsightError(
-                        f"does not fit the checkpoint {self.path.name} ({type(exc).__name__}); export "
-                        "it from that checkpoint with `medsight export`",
-                        onnx_path,
-                    ) from exc
+        return run_onnx
 
-            self.forward: Forward = run_onnx
-        else:
-            import torch
+    def _torch_forward(self, payload: dict) -> Forward:
+        """The checkpoint's network on ``self.device``, at ``self.precision``."""
+        import torch
 
-            from medsight.models.registry import build_model
+        from medsight.models.registry import build_model
 
-            self.model = build_model(self.model_info["name"], **self.model_info["kwargs"])
-            checkpoint.load_weights(self.model, payload, self.path)
-            self.model.eval().to(self.device)
-            autocast = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(self.precision)
+        self.model = build_model(self.model_info["name"], **self.model_info["kwargs"])
+        checkpoint.load_weights(self.model, payload, self.path)
+        self.model.eval().to(self.device)
+        autocast = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(self.precision)
 
-            def forward(x: np.ndarray) -> np.ndarray:
-                with (
-                    torch.no_grad(),
-                    torch.autocast(self.device.type, autocast, enabled=autocast is not None),
-                ):
-                    return self.model(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
+        def forward(x: np.ndarray) -> np.ndarray:
+            with (
+                torch.no_grad(),
+                torch.autocast(self.device.type, autocast, enabled=autocast is not None),
+            ):
+                return self.model(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
 
-            self.forward = forward
+        return forward
 
     @property
     def class_values(self) -> np.ndarray:

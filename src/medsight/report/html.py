@@ -92,31 +92,51 @@ def write_report(
     grey background, and the page says so. ``pred_dir``/``ref_dir`` default to the result's folders.
     """
     from medsight import io
-    from medsight.report.overlay import grey_window, overlay_png
 
     out_dir = Path(out_dir)
     page = out_dir / "report.html"
     io.check_writable(page, overwrite)
-    files = result.files
-    if pred_dir is not None or ref_dir is not None:
-        pred_dir, ref_dir = Path(pred_dir or result.pred_dir), Path(ref_dir or result.ref_dir)
-        files = {}
-        for case in result.cases["case"].unique():
-            found = {k: _find_image(d, case) for k, d in (("pred", pred_dir), ("ref", ref_dir))}
-            if None not in found.values():
-                files[case] = found
+    files = result.files if pred_dir is None and ref_dir is None else _files_in(result, pred_dir, ref_dir)
     images_dir = Path(images_dir) if images_dir is not None else None
     if images_dir is not None and not images_dir.is_dir():
         raise MedsightError("images folder not found", images_dir)
 
-    figures = []
-    notes = []
     picked = _pick_cases(result, n_cases)
     roles = ("_reference", "_prediction") if result.kind == "image" else ("",)
     for case, _, _ in picked:  # refuse before drawing anything
         for role in roles:
             io.check_writable(out_dir / f"overlays/{case}{role}.png", overwrite)
     metric = "Dice" if result.kind == "seg" else "SSIM"
+    figures, notes = _draw_overlays(result, picked, files, out_dir, images_dir, metric, overwrite)
+    if images_dir is None and result.kind == "seg":
+        notes.insert(
+            0, "No images were given (--images): overlays show the reference label map as background."
+        )
+    if result.ignored_predictions:
+        notes.append(f"Ignored {len(result.ignored_predictions)} prediction(s) without a reference.")
+    io.write_text(page, _page(result, figures, notes, metric), overwrite)
+    return page
+
+
+def _files_in(result: EvaluationResult, pred_dir, ref_dir) -> dict[str, dict[str, Path]]:
+    """Case -> prediction and reference files found in other folders than the evaluated ones (each
+    defaults to the result's); a case missing from either is left out."""
+    pred_dir, ref_dir = Path(pred_dir or result.pred_dir), Path(ref_dir or result.ref_dir)
+    files = {}
+    for case in result.cases["case"].unique():
+        found = {k: _find_image(d, case) for k, d in (("pred", pred_dir), ("ref", ref_dir))}
+        if None not in found.values():
+            files[case] = found
+    return files
+
+
+def _draw_overlays(result, picked, files, out_dir: Path, images_dir, metric: str, overwrite: bool):
+    """Draw the picked cases into ``out_dir/overlays``: (figures as (file, caption), notes on what
+    could not be drawn as asked)."""
+    from medsight import io
+    from medsight.report.overlay import grey_window, overlay_png
+
+    figures, notes = [], []
     for case, which, score in picked:
         if case not in files:
             notes.append(f"No files found for case {case}; no overlay.")
@@ -131,21 +151,9 @@ def write_report(
                 overlay_png(scan, out_dir / name, title=f"{case}: {role}", overwrite=overwrite, window=window)
                 figures.append((name, f"{caption} ({role})"))
             continue
-        image_path = _find_image(images_dir, case) if images_dir is not None else None
-        if image_path is not None:
-            background = io.read(image_path)
-            if background.spatial_shape != ref.spatial_shape:
-                notes.append(f"Image of {case} has another shape than its label; label map shown instead.")
-                background = None
-        else:
-            background = None
-            if images_dir is not None:
-                notes.append(f"No image for case {case} in {images_dir}; label map shown instead.")
-        if background is None:
-            background = ref
         name = f"overlays/{case}.png"
         overlay_png(
-            background,
+            _background(case, ref, images_dir, notes),
             out_dir / name,
             label=ref,
             prediction=pred,
@@ -153,12 +161,28 @@ def write_report(
             overwrite=overwrite,
         )
         figures.append((name, caption))
-    if images_dir is None and result.kind == "seg":
-        notes.insert(
-            0, "No images were given (--images): overlays show the reference label map as background."
-        )
+    return figures, notes
 
-    summary = result.summary
+
+def _background(case: str, ref, images_dir: Path | None, notes: list[str]):
+    """What the contours of ``case`` are drawn on: its image, or the reference label map (noting why)
+    when there is no image of the label's shape."""
+    from medsight import io
+
+    image_path = _find_image(images_dir, case) if images_dir is not None else None
+    if image_path is None:
+        if images_dir is not None:
+            notes.append(f"No image for case {case} in {images_dir}; label map shown instead.")
+        return ref
+    image = io.read(image_path)
+    if image.spatial_shape != ref.spatial_shape:
+        notes.append(f"Image of {case} has another shape than its label; label map shown instead.")
+        return ref
+    return image
+
+
+def _page(result: EvaluationResult, figures, notes: list[str], metric: str) -> str:
+    """The HTML of the report: summary, notes, overlays and the per-case table."""
     cases = result.cases
     meta = [
         f"{cases['case'].nunique()} cases",
@@ -168,9 +192,6 @@ def write_report(
     if result.kind == "seg":
         meta.append(f"NSD tolerance {result.tolerance_mm} mm; distances in mm")
     conventions = result.summary_dict()["conventions"]
-    if result.ignored_predictions:
-        notes.append(f"Ignored {len(result.ignored_predictions)} prediction(s) without a reference.")
-
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -179,7 +200,7 @@ def write_report(
         f'<p class="meta">{" &middot; ".join(meta)}</p>',
         *(f'<p class="note">{html.escape(n)}</p>' for n in notes),
         "<h2>Summary</h2>",
-        _table(summary),
+        _table(result.summary),
         f'<p class="meta">Conventions: {html.escape(conventions)}.</p>',
         f"<h2>Worst and best cases (by mean {metric})</h2>",
         *(
@@ -191,5 +212,4 @@ def write_report(
         f'<div class="scroll">{_table(cases)}</div>',
         "</body></html>",
     ]
-    io.write_text(page, "\n".join(parts) + "\n", overwrite)
-    return page
+    return "\n".join(parts) + "\n"

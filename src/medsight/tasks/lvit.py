@@ -42,14 +42,14 @@ from medsight.errors import MedsightError
 from medsight.models.lvit import forward, is_grounded, lv_loss, predict_probabilities, pseudo_label_loss
 from medsight.scan import Scan, fill_non_finite
 from medsight.tasks.lvit_data import (
-    augmenter,
+    batch_augmenters,
     choose_labeled,
     epi_update,
     labeled_batch,
     match_by_text,
     resize,
     unlabeled_batch,
-    working_shape,
+    working_image,
 )
 
 METHODS = ("lvit", "unet2d")
@@ -161,27 +161,19 @@ class TextSegTask(MedsightTask):
         # The semi-supervised half needs unlabeled images and at least one of its two terms.
         self.semi = bool(data["unlabeled"]) and (cfg.use_epi or cfg.use_lv_loss)
         needs_text = self.text_model or (cfg.use_lv_loss and bool(data["unlabeled"]))
-        cache = Path(cfg.text_cache) if cfg.text_cache else Path(cfg.out) / "text_cache"
-        data["missing"] = embed_texts(data, cfg, needs_text, cache)
+        data["missing"] = embed_texts(data, cfg, needs_text)
         data["matches"] = (
             text_matches(data["labeled"], data["unlabeled"]) if self.semi and cfg.use_lv_loss else {}
         )
         set_track_meta(False)  # faster crops; fit() switches it back when training ends
         torch.manual_seed(cfg.seed)
-        self.model_kwargs = dict(cfg.model_kwargs)
-        if cfg.method == "lvit":
-            self.model_kwargs = {
-                "size": cfg.size,
-                "with_text": cfg.with_text,
-                "grounded": cfg.grounded,
-            } | self.model_kwargs
+        lvit_kwargs = {"size": cfg.size, "with_text": cfg.with_text, "grounded": cfg.grounded}
+        self.model_kwargs = (lvit_kwargs if cfg.method == "lvit" else {}) | dict(cfg.model_kwargs)
         self.n_classes = len(data["labels"])
         self.model = build_model(cfg.method, data["pre"].in_channels, self.n_classes, **self.model_kwargs)
         self.loss_fn = WeightedCEDiceLoss(self.n_classes)
         self.grounded = is_grounded(self.model)
-        extra = ["positions"] if self.grounded else []
-        data["aug_labeled"] = augmenter(cfg.crop_size, ["image", "label", *extra])
-        data["aug_unlabeled"] = augmenter(cfg.crop_size, ["image", "pseudo", "matched", *extra])
+        data.update(batch_augmenters(cfg.crop_size, self.grounded))
         self.data = Shared(data)
         self.epi.value["pseudo"] = {it.case_id: None for it in data["unlabeled"]}
 
@@ -393,12 +385,9 @@ class TextSegPredictor:
                 scan.path,
             )
         embedding = self.encoder.embed_one(text) if self.encoder is not None else TextEmbedding.empty()
-        shape = tuple(scan.spatial_shape)
-        image = resize(
-            self.pre.normalise(fill_non_finite(scan).array), working_shape(shape, self.image_scale)
-        )
+        image = working_image(self.pre, fill_non_finite(scan).array, self.image_scale)
         probs = predict_probabilities(self.model, image, embedding, self.window, tta=self.tta)
-        probs = resize(probs, shape)
+        probs = resize(probs, tuple(scan.spatial_shape))
         classes = probs.argmax(0)
         table = self.stored_value_table() if stored_values else np.array(sorted(self.labels))
         mask = table[classes]

@@ -101,6 +101,11 @@ def working_shape(shape: tuple[int, ...], scale: float) -> tuple[int, int]:
     return tuple(max(1, int(round(n * scale))) for n in shape[-2:])  # type: ignore[return-value]
 
 
+def working_image(pre, array: np.ndarray, scale: float) -> np.ndarray:
+    """An image (C, H, W) as the network sees it: z-scored per channel, resized to the working scale."""
+    return resize(pre.normalise(array), working_shape(array.shape, scale))
+
+
 def load_items(dataset, ids, pre, scale, values, with_labels, progress, what) -> list[Item]:
     from tqdm import tqdm
 
@@ -120,8 +125,8 @@ def load_items(dataset, ids, pre, scale, values, with_labels, progress, what) ->
             raise MedsightError(
                 f"text-guided segmentation needs 2D images; this one is {image.ndim}D", image.path
             )
-        shape = working_shape(image.spatial_shape, scale)
-        array = resize(pre.normalise(image.array), shape)
+        array = working_image(pre, image.array, scale)
+        shape = array.shape[-2:]
         y = None
         if label is not None:
             raw = label.array[0].astype(np.int64)
@@ -197,9 +202,10 @@ def read_data(cfg, progress: bool) -> dict[str, Any]:
     return data
 
 
-def embed_texts(data: dict[str, Any], cfg, needs_text: bool, cache: Path) -> int:
-    """Every image's sentence, embedded once (cached on disk), only now that images and options
-    are accepted, so a refused run leaves no cache folder behind. Returns the images without text."""
+def embed_texts(data: dict[str, Any], cfg, needs_text: bool) -> int:
+    """Every image's sentence, embedded once (cached in ``cfg.text_cache``, by default
+    ``<out>/text_cache``), only now that images and options are accepted, so a refused run leaves no
+    cache folder behind. Returns the images without text."""
     from medsight.text import TextEmbedding, TextEncoder, warn_missing_text
 
     items = data["labeled"] + data["unlabeled"] + data["val"]
@@ -207,6 +213,7 @@ def embed_texts(data: dict[str, Any], cfg, needs_text: bool, cache: Path) -> int
     missing = [cid for cid, t in sentences.items() if not (t or "").strip()]
     warn_missing_text(len(missing), len(items), str(cfg.data))
     if needs_text and len(missing) < len(items):
+        cache = Path(cfg.text_cache) if cfg.text_cache else Path(cfg.out) / "text_cache"
         embedded = TextEncoder(cfg.max_tokens, cache).embed([sentences[it.case_id] for it in items])
     else:
         embedded = [TextEmbedding.empty(cfg.max_tokens) for _ in items]
@@ -260,6 +267,16 @@ def augmenter(crop: int, keys: list[str]):
             mt.RandGaussianNoised("image", std=0.05, prob=0.15),
         ]
     )
+
+
+def batch_augmenters(crop: int, grounded: bool) -> dict[str, Any]:
+    """The augmenters of the labeled (image, mask) and unlabeled (image, pseudo-label, matched mask)
+    halves of a batch; a grounded model's positions are cropped and flipped with its image."""
+    extra = ["positions"] if grounded else []
+    return {
+        "aug_labeled": augmenter(crop, ["image", "label", *extra]),
+        "aug_unlabeled": augmenter(crop, ["image", "pseudo", "matched", *extra]),
+    }
 
 
 def _augmented(augment, item: Item, grounded: bool, **targets) -> tuple[np.ndarray, dict]:
