@@ -16,6 +16,8 @@ SCRIPTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_script_starts(script):
-    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout
