@@ -131,3 +131,17 @@ def test_sr_degrade_keeps_a_pictures_bit_depth_and_never_half_writes(tmp_path, c
     code, _, err = cli("sr", "degrade", tmp_path / "tile.png", "-o", tmp_path / "new.png", "--high",
                        tmp_path / "ref.png")  # fmt: skip
     assert code == 2 and "ref.png: already exists" in err and not (tmp_path / "new.png").exists()
+
+
+def test_pretrain_on_a_study_of_parallel_series_says_what_to_do(tmp_path, cli):
+    """An ordinary study (every series axial) has no true planes: one line naming the way that works."""
+    from dicom_factory import write_series
+
+    rng = np.random.default_rng(0)
+    for name, origin in (("t1", (0.0, 0.0, 0.0)), ("flair", (0.0, 0.0, 1.0))):
+        write_series(tmp_path / "study" / name, rng.integers(0, 500, (4, 8, 8)), (1, 0, 0), (0, 1, 0),
+                     (1.0, 1.0), 2.0, origin, frame_of_reference_uid="1.2.3.4")  # fmt: skip
+    code, _, err = cli("pretrain", "--data", tmp_path / "study", "-o", tmp_path / "ssl", "--epochs", 1)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "all parallel" in err and "medsight convert" in err
+    assert not (tmp_path / "ssl" / "best.pt").exists()
