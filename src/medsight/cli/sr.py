@@ -1,4 +1,4 @@
-"""`medsight sr train|predict|compare`: super-resolution with semantic perception (tasks/sr.py)."""
+"""`medsight sr train|predict|degrade`: super-resolution with semantic perception (tasks/sr.py)."""
 
 from __future__ import annotations
 
@@ -124,3 +124,40 @@ def predict(
         ref = io.read(reference)
         page = compare_report(low, {"sr": high}, ref, predictor, out, overwrite=overwrite)
         typer.echo(f"wrote {page}")
+
+
+@sr_app.command("degrade")
+def degrade(
+    scan: Path = typer.Argument(..., help="High-resolution scan: NIfTI, DICOM folder, PNG..."),
+    out: Path = typer.Option(..., "-o", "--out", help="Low-resolution output file."),
+    scale: int = typer.Option(2, "--scale", help="Downsampling factor: 2, 3, 4 in-plane; 2..8 thick."),
+    mode: str = typer.Option("inplane", "--mode", help="inplane (coarse matrix) or thick (thick slices)."),
+    profile: str = typer.Option(
+        None, help="gaussian (default), box or kspace in-plane; box (default), gaussian, triangular thick."
+    ),
+    slice_axis: int = typer.Option(2, min=0, max=2, help="Voxel axis of the slices of 3D volumes."),
+    high: Path = typer.Option(
+        None, help="Also write the scan cropped to a multiple of the scale: the reference to compare with."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace the outputs if they exist."),
+) -> None:
+    """Make the low-resolution version of a scan as `sr train` does, to test a model on a known answer."""
+    import numpy as np
+
+    from medsight import io
+    from medsight.transforms.degrade import DegradeParams, make_pair
+
+    for path in (out, high):
+        if path is not None:
+            io.check_writable(path, overwrite)
+    default = "gaussian" if mode == "inplane" else "box"
+    params = DegradeParams(mode, scale, profile or default, slice_axis=slice_axis)
+    source = io.read(scan)
+    low, cropped = make_pair(source, params)
+    if np.issubdtype(source.array.dtype, np.integer):  # a PNG stays a PNG of the same depth
+        info = np.iinfo(source.array.dtype)
+        low = low.with_array(np.clip(np.rint(low.array), info.min, info.max).astype(source.array.dtype))
+    io.write(low, out, overwrite=overwrite)
+    if high is not None:
+        io.write(cropped, high, overwrite=overwrite)
+    typer.echo(f"wrote {out} ({list(cropped.spatial_shape)} -> {list(low.spatial_shape)})")

@@ -519,7 +519,12 @@ def views_from_dicom_study(
         views.append(view)
         images.append(image)
     if not views:
-        raise MedsightError("no other series of this study is oblique to the stack (all parallel)", folder)
+        raise MedsightError(
+            "no other series of this study is oblique to the stack (all parallel), so there are no true "
+            "planes to learn from; convert its series to NIfTI (medsight convert) into one folder and "
+            "pretrain on that folder: its volumes get sampled views",
+            folder,
+        )
     pairs = [regridded(p, image_of(scan, k)) for k, p in enumerate(stack)]
     stack = [plane for plane, _ in pairs]
     heat, positions = _targets(stack, views, sigma_px)
