@@ -380,10 +380,9 @@ def write_page(results: dict, out: Path, name: str) -> Path:
 
 
 NOTES = (
-    "Budgets are reduced from the issue's 20 min per configuration to a few hundred optimiser steps on a "
-    "shared 2-core CPU (see each configuration's budget); figures are for those budgets. PSNR/SSIM at the "
-    "original intensities, data range of the reference; foreground = labels > 0 (hippocampus, MoNuSeg "
-    "nuclei) or the brain mask (BraTS)."
+    "Each configuration's training budget (optimiser steps, below the issue's 20 min per configuration on a "
+    "shared 2-core CPU) is in its entry. PSNR/SSIM at the original intensities, data range of the "
+    "reference; foreground = labels > 0 (hippocampus, MoNuSeg nuclei) or the brain mask (BraTS)."
 )
 
 
