@@ -279,9 +279,10 @@ def table(results: dict) -> str:
         f"{k} {v['steps']} steps ({v['train_seconds']:.0f} s)" for k, v in budgets["pretrain"].items()
     )
     draws = ", ".join(f"N={n}: {d}" for n, d in budgets.get("draws_per_n", {}).items())
+    brats = budgets.get("brats_pretrain_steps")
     lines += [
         "",
-        f"Pretraining: {steps}; BraTS {budgets.get('brats_pretrain_steps')} steps. Fine-tuning: at most "
+        f"Pretraining: {steps}{f'; BraTS {brats} steps' if brats else ''}. Fine-tuning: at most "
         f"{budgets['finetune_steps_planned']} steps per run; draws {draws}. {budgets['reduced']}.",
     ]
     return "\n".join(lines) + "\n"
