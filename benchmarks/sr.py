@@ -236,11 +236,10 @@ def task_dice(data: Path, outputs: dict, pairs, runs: Path, args) -> dict:
         checkpoint = train_seg(cfg)["best"]
         budget = {"method": "context25d", "epochs": args.seg_epochs, "steps": args.seg_steps}
     predictor, payload = Predictor(checkpoint, device="cpu"), load_checkpoint(checkpoint)
-    trained_on = set(payload["data"]["train_ids"])
-    if trained_on & {
-        cid for cid, *_ in pairs
-    }:  # a network that saw a validation scan would flatter every config
-        raise SystemExit(f"{checkpoint} was trained on some of the super-resolution validation cases")
+    # a network that saw a validation scan would flatter every configuration
+    seen = set(payload["data"]["train_ids"]) & {cid for cid, *_ in pairs}
+    if seen:
+        raise SystemExit(f"{checkpoint} was trained on super-resolution validation cases: {sorted(seen)}")
     budget.update(method=payload["model"]["name"], epochs_run=payload["training"]["epoch"])
     classes = [v for v in predictor.labels if v]
 

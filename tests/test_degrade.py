@@ -171,3 +171,12 @@ def test_make_pair_crops_then_degrades():
     np.testing.assert_array_equal(hr.affine, scan.affine)
     with pytest.raises(MedsightError, match="smaller than the scale"):
         make_pair(Scan.from_spatial(np.ones((9, 10, 3))), DegradeParams("thick", 4, "box"))
+
+
+def test_in_dtype_of_rounds_and_clips_integers_and_keeps_floats_as_float32():
+    from medsight.transforms.degrade import in_dtype_of
+
+    out = in_dtype_of(np.array([-3.2, 0.4, 0.6, 254.5, 300.0]), np.uint8)
+    assert out.dtype == np.uint8 and out.tolist() == [0, 0, 1, 254, 255]  # rint: 254.5 -> 254 (to even)
+    floats = in_dtype_of(np.array([0.25, 1.5]), np.float64)
+    assert floats.dtype == np.float32 and floats.tolist() == [0.25, 1.5]

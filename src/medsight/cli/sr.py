@@ -142,10 +142,8 @@ def degrade(
     overwrite: bool = typer.Option(False, help="Replace the outputs if they exist."),
 ) -> None:
     """Make the low-resolution version of a scan as `sr train` does, to test a model on a known answer."""
-    import numpy as np
-
     from medsight import io
-    from medsight.transforms.degrade import DegradeParams, make_pair
+    from medsight.transforms.degrade import DegradeParams, in_dtype_of, make_pair
 
     for path in (out, high):
         if path is not None:
@@ -154,9 +152,7 @@ def degrade(
     params = DegradeParams(mode, scale, profile or default, slice_axis=slice_axis)
     source = io.read(scan)
     low, cropped = make_pair(source, params)
-    if np.issubdtype(source.array.dtype, np.integer):  # a PNG stays a PNG of the same depth
-        info = np.iinfo(source.array.dtype)
-        low = low.with_array(np.clip(np.rint(low.array), info.min, info.max).astype(source.array.dtype))
+    low = low.with_array(in_dtype_of(low.array, source.array.dtype))
     io.write(low, out, overwrite=overwrite)
     if high is not None:
         io.write(cropped, high, overwrite=overwrite)

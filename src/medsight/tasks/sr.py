@@ -235,11 +235,7 @@ def _check_scan(scan: Scan, mode: str, channels: int, path) -> None:
 
 
 def _restore(y: np.ndarray, scan: Scan, lo: float, hi: float) -> np.ndarray:
-    y = y * (hi - lo) + lo
-    if np.issubdtype(scan.array.dtype, np.integer):  # a PNG stays a PNG of the same depth
-        info = np.iinfo(scan.array.dtype)
-        return np.clip(np.rint(y), info.min, info.max).astype(scan.array.dtype)
-    return y.astype(np.float32)
+    return dg.in_dtype_of(y * (hi - lo) + lo, scan.array.dtype)
 
 
 def upsample_scan(scan: Scan, scale: int, mode: str, slice_axis: int, planes_fn) -> Scan:

@@ -59,6 +59,7 @@ __all__ = [
     "degrade",
     "downsample_geometry",
     "from_planes",
+    "in_dtype_of",
     "make_pair",
     "plane_axes",
     "to_planes",
@@ -224,6 +225,15 @@ class RandomDegrade:
 
     def __call__(self, scan: Scan, rng: np.random.Generator) -> Scan:
         return degrade(scan, self.sample(rng))
+
+
+def in_dtype_of(array: np.ndarray, dtype) -> np.ndarray:
+    """``array`` in ``dtype``: integers (a PNG, a DICOM's stored values) rounded and clipped to the
+    type's range, so a picture stays a picture of the same depth; anything else as float32."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(array), info.min, info.max).astype(dtype)
+    return np.asarray(array, dtype=np.float32)
 
 
 def make_pair(scan: Scan, params: DegradeParams) -> tuple[Scan, Scan]:
