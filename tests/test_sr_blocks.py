@@ -47,7 +47,8 @@ def test_psa_matches_the_paper_formulas_in_numpy():
     xn = x[0].numpy().reshape(4, 9).astype(np.float64)
 
     def conv1(m):
-        return m.weight.detach().numpy()[:, :, 0, 0] @ xn + m.bias.detach().numpy()[:, None]
+        bias = 0.0 if m.bias is None else m.bias.detach().numpy()[:, None]
+        return m.weight.detach().numpy()[:, :, 0, 0] @ xn + bias
 
     def softmax(a):
         e = np.exp(a - a.max())
@@ -93,9 +94,13 @@ def test_dynamic_conv_attention_sums_to_one_and_depends_on_input():
 
 
 @pytest.mark.parametrize(
-    "module", [PolarizedSelfAttention(6), DynamicConv2d(6, 6, kernels=2, temperature=1.0)]
+    "make", [lambda: PolarizedSelfAttention(6), lambda: DynamicConv2d(6, 6, kernels=2, temperature=1.0)]
 )
-def test_gradients_reach_every_parameter(module):
+def test_gradients_reach_every_parameter(make):
+    # Seeded here, not by test order: for some draws all four ReLUs of the dynamic conv's
+    # attention MLP are off on random zero-mean input, and its first layer rightly gets no gradient.
+    torch.manual_seed(0)
+    module = make()
     x = torch.randn(2, 6, 6, 6, requires_grad=True)
     module(x).square().mean().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0

@@ -174,7 +174,8 @@ class PolarizedSelfAttention(nn.Module):
         if channels < 2:
             raise ValueError(f"PolarizedSelfAttention needs >= 2 channels, got {channels}")
         half = channels // 2
-        self.ch_q = nn.Conv2d(channels, 1, 1)
+        # No bias: softmax over pixels ignores a constant shift, so it could never learn.
+        self.ch_q = nn.Conv2d(channels, 1, 1, bias=False)
         self.ch_v = nn.Conv2d(channels, half, 1)
         self.ch_z = nn.Conv2d(half, channels, 1)
         self.ch_norm = nn.LayerNorm(channels)
