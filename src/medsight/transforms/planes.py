@@ -389,6 +389,7 @@ def sample_views(
     spacing: float = 1.0,
     jitter_deg: float = 10.0,
     jitter_mm: float = 3.0,
+    roll_deg: float = 30.0,
     sigma_px: float = 2.0,
     frame: Frame | None = None,
     margin: float = 0.1,
@@ -397,11 +398,16 @@ def sample_views(
 ) -> Views:
     """A "short-axis" stack across the frame's longest axis and ``n_long`` "long-axis" views around it.
 
-    The stack's normal is the (jittered) long axis; its ``n_stack`` slices span the foreground along it
-    less ``margin`` at each end. Long view ``k`` contains the long axis (each tilted by its own jitter)
-    and is turned about it by ``k * 180 / n_long`` degrees (+ jitter) from the frame's second axis, so
-    two views lie ~90 degrees apart like 2- and 4-chamber views. Pass ``frame`` to skip recomputing it
-    (it costs more than a sample). The defaults suit hippocampus crops (~35 x 51 x 35 mm at 1 mm): a
+    The long views are placed on the anatomy, as a technician places them: view ``k`` contains the
+    frame's long axis and its centre, turned about it by ``k * 180 / n_long`` degrees from the frame's
+    second axis (two views lie 90 degrees apart like 2- and 4-chamber views). The stack is where the
+    randomness goes, as a scanner's slice grid is not aligned to the anatomy: its normal is the long
+    axis tilted by up to ``jitter_deg``, its centre moved by up to ``jitter_mm`` on each world axis and
+    its pixel grid rolled by up to ``roll_deg`` about the normal. Each slice's lines therefore follow
+    from what the slice shows (how the anatomy sits in it), so the pretext can be learned to any
+    accuracy; jittering the views themselves would add noise no image reveals. The ``n_stack`` slices
+    span the foreground along the axis less ``margin`` at each end. Pass ``frame`` to skip recomputing
+    it (it costs more than a sample). The defaults suit hippocampus crops (~35 x 51 x 35 mm at 1 mm): a
     stack slice's cross-section is ~36 x 38 mm, so 40 x 40 px at the native 1 mm keeps the anatomy's
     scale for the segmentation network and wastes little on padding; the ridge's sigma of 2 px is the
     paper's 6 px at 224 px scaled to the image, kept above 1 px so the ridge stays learnable.
@@ -411,22 +417,19 @@ def sample_views(
     if n_stack < 2 or n_long < 1:
         raise MedsightError("sample_views needs n_stack >= 2 and n_long >= 1")
     frame = anatomical_frame(scan) if frame is None else frame
-    axis = _tilt(frame.axes[0], rng, jitter_deg)
+    long_axis = frame.axes[0]
+    views = []
+    for k in range(n_long):
+        phi = np.pi * k / n_long
+        in_plane = -np.sin(phi) * frame.axes[1] + np.cos(phi) * frame.axes[2]
+        views.append(Plane.centred(frame.centre, _unit(in_plane), long_axis, spacing, size))
+    axis = _tilt(long_axis, rng, jitter_deg)
     e1 = _unit(frame.axes[1] - (frame.axes[1] @ axis) * axis)
-    e1 = _rotate(e1, axis, np.deg2rad(rng.uniform(-jitter_deg, jitter_deg)))
-    e2 = np.cross(axis, e1)
+    e1 = _rotate(e1, axis, np.deg2rad(rng.uniform(-roll_deg, roll_deg)))
     centre = frame.centre + rng.uniform(-jitter_mm, jitter_mm, 3)
     lo, hi = frame.extent[0]
     offsets = np.linspace(lo + margin * (hi - lo), hi - margin * (hi - lo), n_stack)
     stack = [Plane.centred(centre + t * axis, e1, np.cross(axis, e1), spacing, size) for t in offsets]
-    views = []
-    for k in range(n_long):
-        phi = np.pi * k / n_long + np.deg2rad(rng.uniform(-jitter_deg, jitter_deg))
-        view_axis = _tilt(axis, rng, jitter_deg)
-        in_plane = _unit(-np.sin(phi) * e1 + np.cos(phi) * e2)
-        in_plane = _unit(in_plane - (in_plane @ view_axis) * view_axis)
-        jitter = rng.uniform(-jitter_mm, jitter_mm, 3)
-        views.append(Plane.centred(centre + jitter, in_plane, view_axis, spacing, size))
     heat, positions = _targets(stack, views, sigma_px)
     cval = float(np.nanmin(scan.array)) if cval is None else float(cval)
     return Views(
