@@ -29,6 +29,20 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same random state, whichever tests its pytest-xdist worker ran
+    before it: a test that passes here passes in CI's order too."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def case_cache(tmp_path_factory):
     """Training caches its preprocessed cases (engine/cache.py) in a folder of the test session,
