@@ -37,10 +37,10 @@ SHARED = ROOT.parent / "shared" / "data"
 CONFIGS = ("interpolation", "plain", "semantic", "semantic-shuffled")
 SETTINGS = {
     # name: (dataset, mode, scale, sr epochs, steps per epoch, caption epochs, caption steps, crop)
-    "hippocampus/inplane-x2": ("hippocampus", "inplane", 2, 75, 40, 4, 30, 32),
-    "hippocampus/thick-x4": ("hippocampus", "thick", 4, 75, 40, 4, 30, 32),
-    "monuseg/inplane-x4": ("monuseg", "inplane", 4, 6, 30, 3, 30, 64),
-    "brats/inplane-x4": ("brats", "inplane", 4, 20, 30, 2, 30, 64),
+    "hippocampus/inplane-x2": ("hippocampus", "inplane", 2, 150, 40, 4, 30, 32),
+    "hippocampus/thick-x4": ("hippocampus", "thick", 4, 150, 40, 4, 30, 32),
+    "monuseg/inplane-x4": ("monuseg", "inplane", 4, 30, 30, 3, 30, 64),
+    "brats/inplane-x4": ("brats", "inplane", 4, 100, 30, 2, 30, 64),
 }
 QUICK = {"phantom/inplane-x2": ("phantom", "inplane", 2, 2, 10, 2, 10, 32)}
 
