@@ -404,8 +404,8 @@ def sample_views(
     randomness goes, as a scanner's slice grid is not aligned to the anatomy: its normal is the long
     axis tilted by up to ``jitter_deg``, its centre moved by up to ``jitter_mm`` on each world axis and
     its pixel grid rolled by up to ``roll_deg`` about the normal. Each slice's lines therefore follow
-    from what the slice shows (how the anatomy sits in it), so the pretext can be learned to any
-    accuracy; jittering the views themselves would add noise no image reveals. The ``n_stack`` slices
+    from what the slice shows (how the anatomy sits in it); jittering the views themselves would add
+    noise no image reveals. The ``n_stack`` slices
     span the foreground along the axis less ``margin`` at each end. Pass ``frame`` to skip recomputing
     it (it costs more than a sample). The defaults suit hippocampus crops (~35 x 51 x 35 mm at 1 mm): a
     stack slice's cross-section is ~36 x 38 mm, so 40 x 40 px at the native 1 mm keeps the anatomy's
