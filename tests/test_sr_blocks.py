@@ -111,3 +111,20 @@ def test_gradients_reach_every_parameter(make):
 def test_dynamic_conv_refuses_even_kernels():
     with pytest.raises(ValueError, match="odd kernel_size"):
         DynamicConv2d(2, 2, kernel_size=4)
+
+
+def test_a_checkpoint_with_the_old_inert_query_bias_still_loads_and_gives_the_same_output():
+    psa = PolarizedSelfAttention(4)
+    with torch.no_grad():
+        psa.ch_norm.bias.uniform_(-1, 1)  # gates away from 0.5, so the output depends on the query
+    old = {**psa.state_dict(), "ch_q.bias": torch.tensor([3.0])}
+    loaded = PolarizedSelfAttention(4)
+    loaded.load_state_dict(old)  # strict: any other unexpected key still fails
+    x = torch.randn(2, 4, 5, 5)
+    # what the old layer computed, by hand: the query with its bias, softmax over the 25 pixels
+    q_old = torch.softmax((F.conv2d(x, psa.ch_q.weight) + 3.0).flatten(2), dim=2)
+    q_new = torch.softmax(F.conv2d(x, psa.ch_q.weight).flatten(2), dim=2)
+    torch.testing.assert_close(q_old, q_new)
+    torch.testing.assert_close(loaded(x), psa(x))
+    with pytest.raises(RuntimeError, match="Unexpected"):
+        PolarizedSelfAttention(4).load_state_dict({**old, "ch_v.extra": torch.zeros(1)})

@@ -182,6 +182,11 @@ class PolarizedSelfAttention(nn.Module):
         self.sp_q = nn.Conv2d(channels, half, 1)
         self.sp_v = nn.Conv2d(channels, half, 1)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints before the bias went carry ch_q.bias; it never changed an output, so drop it.
+        state_dict.pop(prefix + "ch_q.bias", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, 1, 1)`` channel weights in (0, 1)."""
         q = torch.softmax(self.ch_q(x).flatten(2), dim=2)  # (B, 1, HW)
