@@ -282,7 +282,7 @@ def table(results: dict) -> str:
     lines += [
         "",
         f"Pretraining: {steps}{f'; BraTS {brats} steps' if brats else ''}. Fine-tuning: at most "
-        f"{budgets['finetune_steps_planned']} steps per run; draws {draws}. {budgets['timing']}.",
+        f"{budgets['finetune_steps_planned']} steps per run; draws {draws}. {budgets.get('timing') or budgets['reduced']}.",
     ]
     return "\n".join(lines) + "\n"
 
