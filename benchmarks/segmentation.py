@@ -58,7 +58,7 @@ def run_method(method: str, data: Path, out: Path, args, seed: int | None = None
         seed=args.seed if seed is None else seed, split_seed=args.seed, patience=args.patience,
         time_limit=args.time_limit, max_val_cases=args.max_val_cases, overwrite=True,
         augmentation=args.augmentation, class_weights=args.class_weights, mirror_axes=args.mirror_axes,
-        ema_decay=args.ema_decay,
+        ema_decay=args.ema_decay, lr_warmup=args.lr_warmup,
         progress=not args.quiet,
     )  # fmt: skip
     summary = train(cfg)
@@ -194,6 +194,12 @@ def main(argv=None) -> dict:
         default=SegmentationConfig.ema_decay,
         help="decay of the weight average that is validated and scored (0: the weights as trained)",
     )
+    parser.add_argument(
+        "--lr-warmup",
+        type=float,
+        default=SegmentationConfig.lr_warmup,
+        help="fraction of the steps over which the learning rate rises (0: none)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="split seed, and training seed of the main runs")
     parser.add_argument(
         "--spread-seeds", default="1,2", help="extra training seeds, for the spread over seeds"
@@ -263,6 +269,7 @@ def main(argv=None) -> dict:
                 "budget_minutes": args.time_limit,
                 "seed": args.seed,
                 "ema_decay": args.ema_decay,
+                "lr_warmup": args.lr_warmup,
             }
         )
     results["methods"].update(main_runs)

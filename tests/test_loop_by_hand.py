@@ -56,8 +56,9 @@ class TinyTask(MedsightTask):
         return {"model": {"name": "tiny", "kind": "tiny", "kwargs": {}}, "labels": {}, "preprocessing": {}}
 
 
-def by_hand():
-    """The same run in plain torch: batch (epoch, step) from the stream (seed, rank 0, epoch, step)."""
+def by_hand(warmup: float = 0.0):
+    """The same run in plain torch: batch (epoch, step) from the stream (seed, rank 0, epoch, step);
+    with ``warmup``, the rate rises as (n + 1) / (warmup * total) until that reaches 1."""
     torch.manual_seed(SEED)
     model = torch.nn.Linear(FEATURES, 1)
     optimiser = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
@@ -67,7 +68,8 @@ def by_hand():
         for step in range(STEPS):
             n = epoch * STEPS + step  # optimiser steps taken so far
             for group in optimiser.param_groups:
-                group["lr"] = LR * (1 - n / total) ** 0.9
+                rise = min(1.0, (n + 1) / (warmup * total)) if warmup else 1.0
+                group["lr"] = LR * rise * (1 - n / total) ** 0.9
             x, y = batch_of(np.random.default_rng([SEED, 0, epoch, step]))
             loss = torch.nn.functional.mse_loss(model(x), y)
             optimiser.zero_grad()
@@ -80,15 +82,15 @@ def by_hand():
     return [p.detach() for p in model.parameters()], average
 
 
-@pytest.mark.parametrize("decay", [DECAY, 0.0])
-def test_the_loop_computes_what_plain_torch_computes(tmp_path, decay):
+@pytest.mark.parametrize("decay, warmup", [(DECAY, 0.0), (0.0, 0.0), (DECAY, 0.5)])
+def test_the_loop_computes_what_plain_torch_computes(tmp_path, decay, warmup):
     cfg = TinyConfig(
         out=str(tmp_path / "run"), seed=SEED, epochs=EPOCHS, steps_per_epoch=STEPS, lr=LR,
-        ema_decay=decay, patience=EPOCHS, progress=False, time_limit=None, device="cpu",
+        ema_decay=decay, lr_warmup=warmup, patience=EPOCHS, progress=False, time_limit=None, device="cpu",
     )  # fmt: skip
     fit(TinyTask(cfg), cfg)
     last = load(tmp_path / "run" / "last.pt")
-    trained, average = by_hand()
+    trained, average = by_hand(warmup)
     saved = [last["state_dict"]["weight"], last["state_dict"]["bias"]]
     if decay:
         raw = last["training"]["weights"]
@@ -99,3 +101,12 @@ def test_the_loop_computes_what_plain_torch_computes(tmp_path, decay):
         want_saved = trained
     for got, want in zip(saved, want_saved, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("warmup", [-0.1, 1.0])
+def test_a_warmup_outside_zero_to_one_is_refused(tmp_path, warmup):
+    from medsight.errors import MedsightError
+
+    cfg = TinyConfig(out=str(tmp_path / "run"), lr_warmup=warmup, progress=False, device="cpu")
+    with pytest.raises(MedsightError, match="--lr-warmup"):
+        TinyTask(cfg)

@@ -12,6 +12,9 @@ EMA_DECAY = typer.Option(
     0.999,
     help="Validate and keep a moving average of the weights with this decay (0: the weights as trained).",
 )
+LR_WARMUP = typer.Option(
+    0.0, help="Fraction of the steps over which the learning rate rises linearly from near 0 (0: none)."
+)
 
 # Options every trainer shares: the run folder's fate, the budget, the seeds and the data layout.
 SEED = typer.Option(0, help="Seeds the split, the weights and the sampling: same seed, same run.")

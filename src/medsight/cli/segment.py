@@ -95,6 +95,10 @@ def train(
     memory_budget: float = typer.Option(512.0, help="MB of activations per batch the plan aims at."),
     spacing: str = SPACING,
     lr: float = typer.Option(None, help="Learning rate (AdamW, poly decay; default: 0.002, few-shot 0.001)."),
+    lr_warmup: float = typer.Option(
+        None,
+        help="Fraction of the steps over which the learning rate rises linearly (default: 0.05, few-shot 0).",
+    ),
     slices: int = typer.Option(5, help="Slices per stack for context25d (odd)."),
     slice_axis: int = SLICE_AXIS,
     val_fraction: float = VAL_FRACTION,

@@ -6,7 +6,17 @@ from pathlib import Path
 
 import typer
 
-from medsight.cli.options import DEVICE, LAYOUT, PRECISION, RESUME, SEED, SPLIT_SEED, START_AFRESH, TIME_LIMIT
+from medsight.cli.options import (
+    DEVICE,
+    LAYOUT,
+    LR_WARMUP,
+    PRECISION,
+    RESUME,
+    SEED,
+    SPLIT_SEED,
+    START_AFRESH,
+    TIME_LIMIT,
+)
 
 sr_app = typer.Typer(
     help="Super-resolution of thick-slice and low-resolution scans (plain, or with semantic perception).",
@@ -62,6 +72,7 @@ def train(
     seed: int = SEED,
     patience: int = typer.Option(10, help="Stop after this many epochs without a better validation PSNR."),
     time_limit: float = TIME_LIMIT,
+    lr_warmup: float = LR_WARMUP,
     ema_decay: float = typer.Option(
         0.999, help="Validate and keep a moving average of the weights (0: off)."
     ),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from medsight.cli.options import DEVICE, NUM_WORKERS, PRECISION, START_AFRESH, TIME_LIMIT
+from medsight.cli.options import DEVICE, LR_WARMUP, NUM_WORKERS, PRECISION, START_AFRESH, TIME_LIMIT
 
 textseg_app = typer.Typer(
     help="Text-guided, semi-supervised 2D segmentation (LViT): images, masks for some, a sentence each.",
@@ -64,6 +64,7 @@ def train(
     steps_per_epoch: int = typer.Option(25, min=1, help="Optimiser steps per epoch."),
     batch_size: int = typer.Option(4, min=1),
     lr: float = typer.Option(2e-3),
+    lr_warmup: float = LR_WARMUP,
     time_limit: float = TIME_LIMIT,
     patience: int = typer.Option(10, help="Stop after this many epochs without a better validation Dice."),
     seed: int = typer.Option(0, help="Seeds the split, the labeled subset, the weights and the sampling."),
@@ -96,7 +97,7 @@ def train(
 
 
 # `textseg train` options named as TextSegConfig's fields (the others are mapped in _config)
-SAME_NAMES = {"epochs", "steps_per_epoch", "batch_size", "lr", "time_limit", "patience", "seed", "ema_decay",
+SAME_NAMES = {"epochs", "steps_per_epoch", "batch_size", "lr", "lr_warmup", "time_limit", "patience", "seed", "ema_decay",
               "device", "precision", "num_workers", "overwrite", "resume", "progress", "size", "grounded",
               "labeled_fraction"}  # fmt: skip
 
