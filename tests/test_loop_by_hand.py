@@ -110,3 +110,17 @@ def test_a_warmup_outside_zero_to_one_is_refused(tmp_path, warmup):
     cfg = TinyConfig(out=str(tmp_path / "run"), lr_warmup=warmup, progress=False, device="cpu")
     with pytest.raises(MedsightError, match="--lr-warmup"):
         TinyTask(cfg)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["train", "--method", "context25d"], ["textseg", "train"], ["sr", "train"], ["pretrain"]],
+    ids=["train", "textseg", "sr", "pretrain"],
+)
+def test_every_trainer_takes_lr_warmup_and_refuses_a_bad_one(tmp_path, cli, command):
+    """The option reaches each trainer's config: a value outside [0, 1) is one line and exit 2."""
+    from medsight.datasets.phantom import write_phantom_dataset
+
+    data = write_phantom_dataset(tmp_path / "data", 4, dim=2 if command[0] == "textseg" else 3, seed=0)
+    code, _, err = cli(*command, "--data", data, "--lr-warmup", "1.5", "-o", tmp_path / "run")
+    assert code == 2 and "--lr-warmup is a fraction of the steps in [0, 1), not 1.5" in err

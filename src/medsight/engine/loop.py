@@ -46,9 +46,9 @@ class LoopConfig:
     batch_size: int | None = None  # None: the task's plan chooses it from the data
     lr: float = 2e-3
     # Fraction of the planned steps over which the learning rate rises linearly from near 0 (Goyal
-    # et al. 2017). Adam's first updates move every weight by about the full rate whatever its
-    # gradient, so they decide much of where a run ends: on context25d a change of about 1e-4 to the
-    # first two steps' rate moved the final Dice by up to half a point (docs/experiments.md).
+    # et al. 2017), for runs whose first Adam updates (every weight moved by about the full rate)
+    # decide too much. Off by default: 5% on the hippocampus halved context25d's seed spread but cost
+    # unet2d 0.15 points on average (benchmarks/README.md).
     lr_warmup: float = 0.0
     time_limit: float | None = None  # minutes of training; checked after each epoch
     patience: int = 10  # epochs without a better val_score before stopping
@@ -66,7 +66,7 @@ class LoopConfig:
 # Options that do not change what a run computes: free to differ when resuming.
 RUN_ONLY = {"out", "resume", "overwrite", "progress", "device", "num_workers"}
 # What runs saved before an option existed did, where that is not the option's default today.
-RAN_WITHOUT_OPTION = {"ema_decay": 0.0, "lr_warmup": 0.0}
+RAN_WITHOUT_OPTION = {"ema_decay": 0.0}
 
 
 # -- devices ---------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ class SegmentationConfig(LoopConfig):
     layout: str | None = None
     layout_options: dict[str, Any] = field(default_factory=dict)
     val_fraction: float = 0.2
-    lr_warmup: float = 0.05
     split_seed: int | None = None  # defaults to seed; fix it to compare training seeds on one split
     slices: int = 5
     slice_axis: int | None = None  # for 2D/2.5D methods; None chooses (preprocess.choose_slice_axis)
