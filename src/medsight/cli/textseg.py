@@ -97,9 +97,9 @@ def train(
 
 
 # `textseg train` options named as TextSegConfig's fields (the others are mapped in _config)
-SAME_NAMES = {"epochs", "steps_per_epoch", "batch_size", "lr", "lr_warmup", "time_limit", "patience", "seed", "ema_decay",
-              "device", "precision", "num_workers", "overwrite", "resume", "progress", "size", "grounded",
-              "labeled_fraction"}  # fmt: skip
+SAME_NAMES = {"epochs", "steps_per_epoch", "batch_size", "lr", "lr_warmup", "time_limit", "patience", "seed",
+              "ema_decay", "device", "precision", "num_workers", "overwrite", "resume", "progress", "size",
+              "grounded", "labeled_fraction"}  # fmt: skip
 
 
 def _config(options: dict):

@@ -399,17 +399,18 @@ def sample_views(
     """A "short-axis" stack across the frame's longest axis and ``n_long`` "long-axis" views around it.
 
     The long views are placed on the anatomy, as a technician places them: view ``k`` contains the
-    frame's long axis and its centre, turned about it by ``k * 180 / n_long`` degrees from the frame's
-    second axis (two views lie 90 degrees apart like 2- and 4-chamber views). The stack is where the
-    randomness goes, as a scanner's slice grid is not aligned to the anatomy: its normal is the long
-    axis tilted by up to ``jitter_deg``, its centre moved by up to ``jitter_mm`` on each world axis and
-    its pixel grid rolled by up to ``roll_deg`` about the normal. Each slice's lines therefore follow
-    from what the slice shows (how the anatomy sits in it); jittering the views themselves would add
-    noise no image reveals. The ``n_stack`` slices span the foreground along the axis less ``margin``
-    at each end. Pass ``frame`` to skip recomputing it (it costs more than a sample). The defaults suit hippocampus crops (~35 x 51 x 35 mm at 1 mm): a
-    stack slice's cross-section is ~36 x 38 mm, so 40 x 40 px at the native 1 mm keeps the anatomy's
-    scale for the segmentation network and wastes little on padding; the ridge's sigma of 2 px is the
-    paper's 6 px at 224 px scaled to the image, kept above 1 px so the ridge stays learnable.
+    frame's long axis and its centre, turned about it by ``k * 180 / n_long`` degrees from the
+    frame's second axis (two views lie 90 degrees apart like 2- and 4-chamber views). The stack is
+    where the randomness goes, as a scanner's slice grid is not aligned to the anatomy: its normal
+    is the long axis tilted by up to ``jitter_deg``, its centre moved by up to ``jitter_mm`` on each
+    world axis and its pixel grid rolled by up to ``roll_deg`` about the normal. Each slice's lines
+    therefore follow from what the slice shows (how the anatomy sits in it); jittering the views
+    themselves would add noise no image reveals. The ``n_stack`` slices span the foreground along
+    the axis less ``margin`` at each end. Pass ``frame`` to skip recomputing it (it costs more than
+    a sample). The defaults suit hippocampus crops (~35 x 51 x 35 mm at 1 mm): a stack slice's
+    cross-section is ~36 x 38 mm, so 40 x 40 px at the native 1 mm keeps the anatomy's scale for the
+    segmentation network and wastes little on padding; the ridge's sigma of 2 px is the paper's 6 px
+    at 224 px scaled to the image, kept above 1 px so the ridge stays learnable.
     Pixels outside the scan get ``cval``, by default the scan's minimum (its background, also when the
     intensities are z-scored).
     """
