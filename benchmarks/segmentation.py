@@ -58,7 +58,7 @@ def run_method(method: str, data: Path, out: Path, args, seed: int | None = None
         seed=args.seed if seed is None else seed, split_seed=args.seed, patience=args.patience,
         time_limit=args.time_limit, max_val_cases=args.max_val_cases, overwrite=True,
         augmentation=args.augmentation, class_weights=args.class_weights, mirror_axes=args.mirror_axes,
-        ema_decay=args.ema_decay, lr_warmup=args.lr_warmup,
+        ema_decay=args.ema_decay, lr_warmup=args.lr_warmup, views=args.views,
         progress=not args.quiet,
     )  # fmt: skip
     summary = train(cfg)
@@ -92,7 +92,6 @@ def run_method(method: str, data: Path, out: Path, args, seed: int | None = None
         [dataset.load_case(dataset.case(c))[0].spatial_shape for c in val_ids[:10]], axis=0
     ).astype(int)
     kind = predictor.kind
-    volume = slices_first(shape, predictor.pre.slice_axis)
     return {
         "mean_dice": float(np.mean(list(dice.values()))),
         "dice": dice,
@@ -107,8 +106,15 @@ def run_method(method: str, data: Path, out: Path, args, seed: int | None = None
         "infer_seconds_per_volume": statistics.median(times),
         "peak_mem_mb": round(peak, 1),
         "params": count_parameters(predictor.model),
-        "gflops_per_volume": flops_per_volume(
-            method, predictor.model, volume, 1, predictor.slices if kind == "2.5d" else None
+        "gflops_per_volume": sum(  # one pass per slicing plane
+            flops_per_volume(
+                method,
+                predictor.model,
+                slices_first(shape, axis),
+                1,
+                predictor.slices if kind == "2.5d" else None,
+            )
+            for axis in predictor.view_axes
         )
         / 1e9,
         "volume_shape_for_flops": [int(s) for s in shape],
@@ -200,6 +206,12 @@ def main(argv=None) -> dict:
         default=SegmentationConfig.lr_warmup,
         help="fraction of the steps over which the learning rate rises (0: none)",
     )
+    parser.add_argument(
+        "--views",
+        type=int,
+        default=SegmentationConfig.views,
+        help="slicing planes of unet2d/context25d: 1 or 3",
+    )
     parser.add_argument("--seed", type=int, default=0, help="split seed, and training seed of the main runs")
     parser.add_argument(
         "--spread-seeds", default="1,2", help="extra training seeds, for the spread over seeds"
@@ -270,6 +282,7 @@ def main(argv=None) -> dict:
                 "seed": args.seed,
                 "ema_decay": args.ema_decay,
                 "lr_warmup": args.lr_warmup,
+                "views": args.views,
             }
         )
     results["methods"].update(main_runs)

@@ -234,3 +234,17 @@ def test_textseg_crop_larger_than_every_image_is_refused(cli, phantom2d, tmp_pat
     assert code == 2 and f"{phantom2d}: crop 256 px is larger than every training image" in line
     assert "largest side 32 px" in line and "--crop 32 or less" in line
     assert not out.exists()  # not even the text cache: sentences are embedded once a run is accepted
+
+
+@pytest.mark.parametrize(
+    "args, problem",
+    [
+        (["--views", "2"], "views must be 1 or 3"),
+        (["--views", "3", "--method", "unet3d"], "views must be 1 or 3"),
+        (["--views", "3"], ": --views 3 needs near-isotropic voxels; these are 1 x 1 x 2.5 mm"),
+    ],
+)
+def test_three_slicing_planes_are_refused_where_they_mean_nothing(cli, phantom3d, tmp_path, args, problem):
+    code, _, err = cli("train", "--data", phantom3d, "--out", tmp_path / "run", "--epochs", "1", *args)
+    assert code == 2 and problem in one_error_line(err)
+    assert not (tmp_path / "run").exists()

@@ -47,6 +47,7 @@ def test_run_folder_has_checkpoints_log_and_curve(trained):
     assert payload["model"]["name"] == "context25d" and payload["model"]["slices"] == 3
     assert payload["labels"] == {0: "background", 1: "cyst", 2: "vessel", 3: "tumour"}
     assert payload["data"]["val_ids"] == trained["val_ids"]
+    assert payload["view_axes"] == [2]  # one slicing plane (the default), the coarse axis
 
 
 def test_prediction_keeps_the_input_geometry(trained, phantom):
@@ -367,6 +368,47 @@ def test_test_time_mirroring_averages_each_view_mapped_back():
     tta = probabilities(forward, image, "2d", 1, None, slice_axis=2, mirror_axes=(0,))
     np.testing.assert_allclose(plain[1, :, 2, 1], sigmoid, rtol=1e-6)
     np.testing.assert_allclose(tta[1, :, 2, 1], (sigmoid + sigmoid[::-1]) / 2, rtol=1e-6)
+
+
+def test_three_slicing_planes_average_each_plane_mapped_back():
+    """A network whose class-1 logit is the row index of its input plane: sliding along scan axis 2
+    or 1 the rows are scan axis 0 (logit x), along axis 0 they are scan axis 1 (logit y), so the
+    three planes average to (2 sigmoid(x) + sigmoid(y)) / 3."""
+    from medsight.engine.infer import probabilities
+
+    def forward(x):
+        rows = np.arange(x.shape[-2], dtype=np.float32)[None, :, None]
+        logit = np.broadcast_to(rows, (x.shape[0], x.shape[-2], x.shape[-1]))
+        return np.stack([np.zeros_like(logit), logit], axis=1)
+
+    image = np.random.default_rng(0).normal(size=(1, 7, 5, 3)).astype(np.float32)
+    sigmoid = 1 / (1 + np.exp(-np.arange(7.0)))
+    planes = probabilities(forward, image, "2.5d", 3, None, slice_axis=[2, 0, 1])
+    x, y = np.meshgrid(np.arange(7), np.arange(5), indexing="ij")
+    expected = (2 * sigmoid[x] + sigmoid[y]) / 3
+    for z in range(3):
+        np.testing.assert_allclose(planes[1, :, :, z], expected, rtol=1e-6)
+
+
+def test_three_plane_model_trains_on_each_plane_and_predicts_their_mean(tmp_path):
+    cubes = write_phantom_dataset(tmp_path / "cubes", 3, dim=3, seed=0, shape=(32, 24, 16))  # 1 mm voxels
+    summary = train(
+        TrainConfig(method="context25d", data=str(cubes), out=str(tmp_path / "run"), slices=3, views=3,
+                    slice_axis=1, **{**TINY, "batch_size": None, "steps_per_epoch": 6})
+    )  # fmt: skip
+    payload = checkpoint.load(summary["best"])
+    assert payload["view_axes"] == [1, 0, 2]  # the slice axis first, then the other two
+    # each plane its own window over its in-plane axes, the extents rounded up to 16
+    assert payload["plan"]["view_patches"] == [[32, 16], [32, 16], [32, 32]]
+    image = io.read(next((cubes / "imagesTr").glob("*.nii.gz")))
+    predictor = Predictor(summary["best"])
+    mean = predictor.predict(image)[1].array
+    single = []
+    for axis in (0, 1, 2):
+        predictor.view_axes = (axis,)
+        single.append(predictor.predict(image)[1].array)
+    np.testing.assert_allclose(mean, np.mean(single, axis=0), atol=1e-5)
+    assert not np.allclose(single[0], single[2], atol=1e-3)  # the planes do see different inputs
 
 
 def test_mirror_trained_model_predicts_with_tta_and_others_refuse(phantom, trained, tmp_path):

@@ -7,7 +7,7 @@ model and its ONNX export (onnxruntime).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -74,12 +74,19 @@ def volume_probabilities(forward: Forward, image: np.ndarray, patch: tuple[int, 
 
 
 def probabilities(
-    forward: Forward, image: np.ndarray, kind: str, slices: int, patch, slice_axis: int, mirror_axes=()
+    forward: Forward,
+    image: np.ndarray,
+    kind: str,
+    slices: int,
+    patch,
+    slice_axis: int | Sequence[int],
+    mirror_axes=(),
 ) -> np.ndarray:
     """Preprocessed image (C, X, Y, Z) -> class probabilities (K, X, Y, Z) on the same grid.
 
-    With ``mirror_axes`` (spatial axes), the average over every combination of mirroring along them,
-    each mapped back: nnU-Net's test-time mirroring, 2**n passes.
+    A slice-wise model slides along ``slice_axis``; given several axes (``train --views 3``), the
+    average of the planes' probabilities. With ``mirror_axes`` (spatial axes), the average over every
+    combination of mirroring along them, each mapped back: nnU-Net's test-time mirroring, 2**n passes.
     """
     if mirror_axes:
         return average_over_views(
@@ -89,8 +96,12 @@ def probabilities(
         )
     if kind == "3d":
         return volume_probabilities(forward, image, tuple(patch))
-    working = to_working(image, slice_axis)
-    return from_working(slice_probabilities(forward, working, slices if kind == "2.5d" else 1), slice_axis)
+    axes = [slice_axis] if isinstance(slice_axis, int) else list(slice_axis)
+    total = sum(
+        from_working(slice_probabilities(forward, to_working(image, a), slices if kind == "2.5d" else 1), a)
+        for a in axes
+    )
+    return total / len(axes)
 
 
 def largest_components(labels: np.ndarray) -> np.ndarray:
@@ -171,6 +182,7 @@ class Predictor:
         self.labels: dict[int, str] = {int(k): v for k, v in payload["labels"].items()}
         self.stored_values = _stored_values(payload, self.labels)
         self.pre = Preprocessing.from_dict(payload["preprocessing"])
+        self.view_axes = tuple(payload.get("view_axes", [self.pre.slice_axis]))  # `train --views`
         self.forward: Forward = (
             self._onnx_forward(onnx_path) if backend == "onnx" else self._torch_forward(payload)
         )
@@ -255,7 +267,7 @@ class Predictor:
 
         def run(image: np.ndarray, mirror_axes=()) -> np.ndarray:
             return probabilities(
-                self.forward, image, self.kind, self.slices, self.patch, self.pre.slice_axis, mirror_axes
+                self.forward, image, self.kind, self.slices, self.patch, self.view_axes, mirror_axes
             )
 
         square = len(self.patch) == 2 and self.patch[0] == self.patch[1]

@@ -66,8 +66,10 @@ def plan(
 
 
 def describe(planned: dict[str, Any], method: str) -> str:
+    patches = planned.get("view_patches", [planned["patch"]])  # one per plane with `--views 3`
     return (
         f"plan for {method}: batch {planned['batch_size']} (planned {planned['planned_batch_size']} for "
         f"{planned['memory_budget_mb']:g} MB at ~{planned['activation_mb_per_sample']:g} MB per sample), "
-        f"patch {'x'.join(map(str, planned['patch']))}"
+        f"patch {', '.join('x'.join(map(str, p)) for p in patches)}"
+        + (f" (one per plane, {len(patches)} planes)" if len(patches) > 1 else "")
     )
