@@ -58,7 +58,7 @@ def run_method(method: str, data: Path, out: Path, args, seed: int | None = None
         seed=args.seed if seed is None else seed, split_seed=args.seed, patience=args.patience,
         time_limit=args.time_limit, max_val_cases=args.max_val_cases, overwrite=True,
         augmentation=args.augmentation, class_weights=args.class_weights, mirror_axes=args.mirror_axes,
-        ema_decay=args.ema_decay, lr_warmup=args.lr_warmup, views=args.views,
+        ema_decay=args.ema_decay, lr_warmup=args.lr_warmup, slice_planes=args.slice_planes,
         progress=not args.quiet,
     )  # fmt: skip
     summary = train(cfg)
@@ -114,7 +114,7 @@ def run_method(method: str, data: Path, out: Path, args, seed: int | None = None
                 1,
                 predictor.slices if kind == "2.5d" else None,
             )
-            for axis in predictor.view_axes
+            for axis in predictor.slice_axes
         )
         / 1e9,
         "volume_shape_for_flops": [int(s) for s in shape],
@@ -207,9 +207,9 @@ def main(argv=None) -> dict:
         help="fraction of the steps over which the learning rate rises (0: none)",
     )
     parser.add_argument(
-        "--views",
+        "--slice-planes",
         type=int,
-        default=SegmentationConfig.views,
+        default=SegmentationConfig.slice_planes,
         help="slicing planes of unet2d/context25d: 1 or 3",
     )
     parser.add_argument("--seed", type=int, default=0, help="split seed, and training seed of the main runs")
@@ -282,7 +282,7 @@ def main(argv=None) -> dict:
                 "seed": args.seed,
                 "ema_decay": args.ema_decay,
                 "lr_warmup": args.lr_warmup,
-                "views": args.views,
+                "slice_planes": args.slice_planes,
             }
         )
     results["methods"].update(main_runs)

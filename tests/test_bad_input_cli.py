@@ -239,9 +239,9 @@ def test_textseg_crop_larger_than_every_image_is_refused(cli, phantom2d, tmp_pat
 @pytest.mark.parametrize(
     "args, problem",
     [
-        (["--views", "2"], "views must be 1 or 3"),
-        (["--views", "3", "--method", "unet3d"], "views must be 1 or 3"),
-        (["--views", "3"], ": --views 3 needs near-isotropic voxels; these are 1 x 1 x 2.5 mm"),
+        (["--slice-planes", "2"], "--slice-planes must be 1 or 3"),
+        (["--slice-planes", "3", "--method", "unet3d"], "--slice-planes must be 1 or 3"),
+        (["--slice-planes", "3"], ": --slice-planes 3 needs near-isotropic voxels; these are 1 x 1 x 2.5 mm"),
     ],
 )
 def test_three_slicing_planes_are_refused_where_they_mean_nothing(cli, phantom3d, tmp_path, args, problem):

@@ -47,7 +47,7 @@ def test_run_folder_has_checkpoints_log_and_curve(trained):
     assert payload["model"]["name"] == "context25d" and payload["model"]["slices"] == 3
     assert payload["labels"] == {0: "background", 1: "cyst", 2: "vessel", 3: "tumour"}
     assert payload["data"]["val_ids"] == trained["val_ids"]
-    assert payload["view_axes"] == [2]  # one slicing plane (the default), the coarse axis
+    assert payload["slice_axes"] == [2]  # one slicing plane (the default), the coarse axis
 
 
 def test_prediction_keeps_the_input_geometry(trained, phantom):
@@ -393,19 +393,19 @@ def test_three_slicing_planes_average_each_plane_mapped_back():
 def test_three_plane_model_trains_on_each_plane_and_predicts_their_mean(tmp_path):
     cubes = write_phantom_dataset(tmp_path / "cubes", 3, dim=3, seed=0, shape=(32, 24, 16))  # 1 mm voxels
     summary = train(
-        TrainConfig(method="context25d", data=str(cubes), out=str(tmp_path / "run"), slices=3, views=3,
+        TrainConfig(method="context25d", data=str(cubes), out=str(tmp_path / "run"), slices=3, slice_planes=3,
                     slice_axis=1, **{**TINY, "batch_size": None, "steps_per_epoch": 6})
     )  # fmt: skip
     payload = checkpoint.load(summary["best"])
-    assert payload["view_axes"] == [1, 0, 2]  # the slice axis first, then the other two
+    assert payload["slice_axes"] == [1, 0, 2]  # the slice axis first, then the other two
     # each plane its own window over its in-plane axes, the extents rounded up to 16
-    assert payload["plan"]["view_patches"] == [[32, 16], [32, 16], [32, 32]]
+    assert payload["plan"]["plane_patches"] == [[32, 16], [32, 16], [32, 32]]
     image = io.read(next((cubes / "imagesTr").glob("*.nii.gz")))
     predictor = Predictor(summary["best"])
     mean = predictor.predict(image)[1].array
     single = []
     for axis in (0, 1, 2):
-        predictor.view_axes = (axis,)
+        predictor.slice_axes = (axis,)
         single.append(predictor.predict(image)[1].array)
     np.testing.assert_allclose(mean, np.mean(single, axis=0), atol=1e-5)
     assert not np.allclose(single[0], single[2], atol=1e-3)  # the planes do see different inputs

@@ -99,7 +99,7 @@ def train(
     lr_warmup: float = LR_WARMUP,
     slices: int = typer.Option(5, help="Slices per stack for context25d (odd)."),
     slice_axis: int = SLICE_AXIS,
-    views: int = typer.Option(
+    slice_planes: int = typer.Option(
         1,
         help="Slicing planes of unet2d/context25d: 1 (the slice axis) or 3 (train on the three "
         "orthogonal planes, average them at prediction; near-isotropic volumes only).",

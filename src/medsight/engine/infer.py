@@ -84,7 +84,7 @@ def probabilities(
 ) -> np.ndarray:
     """Preprocessed image (C, X, Y, Z) -> class probabilities (K, X, Y, Z) on the same grid.
 
-    A slice-wise model slides along ``slice_axis``; given several axes (``train --views 3``), the
+    A slice-wise model slides along ``slice_axis``; given several axes (``train --slice-planes 3``), the
     average of the planes' probabilities. With ``mirror_axes`` (spatial axes), the average over every
     combination of mirroring along them, each mapped back: nnU-Net's test-time mirroring, 2**n passes.
     """
@@ -182,7 +182,7 @@ class Predictor:
         self.labels: dict[int, str] = {int(k): v for k, v in payload["labels"].items()}
         self.stored_values = _stored_values(payload, self.labels)
         self.pre = Preprocessing.from_dict(payload["preprocessing"])
-        self.view_axes = tuple(payload.get("view_axes", [self.pre.slice_axis]))  # `train --views`
+        self.slice_axes = tuple(payload.get("slice_axes", [self.pre.slice_axis]))  # `train --slice-planes`
         self.forward: Forward = (
             self._onnx_forward(onnx_path) if backend == "onnx" else self._torch_forward(payload)
         )
@@ -267,7 +267,7 @@ class Predictor:
 
         def run(image: np.ndarray, mirror_axes=()) -> np.ndarray:
             return probabilities(
-                self.forward, image, self.kind, self.slices, self.patch, self.view_axes, mirror_axes
+                self.forward, image, self.kind, self.slices, self.patch, self.slice_axes, mirror_axes
             )
 
         square = len(self.patch) == 2 and self.patch[0] == self.patch[1]

@@ -66,7 +66,7 @@ def plan(
 
 
 def describe(planned: dict[str, Any], method: str) -> str:
-    patches = planned.get("view_patches", [planned["patch"]])  # one per plane with `--views 3`
+    patches = planned.get("plane_patches", [planned["patch"]])  # one per plane with `--slice-planes 3`
     return (
         f"plan for {method}: batch {planned['batch_size']} (planned {planned['planned_batch_size']} for "
         f"{planned['memory_budget_mb']:g} MB at ~{planned['activation_mb_per_sample']:g} MB per sample), "

@@ -33,7 +33,7 @@ class SegmentationConfig(LoopConfig):
     slice_axis: int | None = None  # for 2D/2.5D methods; None chooses (preprocess.choose_slice_axis)
     # Slicing planes of a slice-wise method: 1 (the slice axis) or 3 (the three orthogonal planes,
     # trained on and averaged: near-isotropic volumes only).
-    views: int = 1
+    slice_planes: int = 1
     patch_size: list[int] | None = None  # None: planned from the data (engine/plan.py)
     memory_budget: float = 512.0  # MB of activations per batch the plan aims at
     spacing: list[float] | None = None  # target spacing of the axes the network sees; None: the median
@@ -145,18 +145,20 @@ def prepare_data(cfg: SegmentationConfig, kind: str, progress: bool = True) -> d
     }
 
 
-def view_axes(views: int, pre, cases, root) -> list[int]:
+def slice_axes(planes: int, pre, cases, root) -> list[int]:
     """The slice axes a slice-wise network is trained and predicts along: the planned one, then with
-    three views the other two. Three planes need 3D volumes whose voxels are near cubes (largest
+    three planes the other two. Three planes need 3D volumes whose voxels are near cubes (largest
     spacing at most 1.25x the smallest), or the planes would show the anatomy at unlike scales."""
-    if views == 1:
+    if planes == 1:
         return [pre.slice_axis]
     if pre.dim == 2:
-        raise MedsightError("--views 3 needs 3D volumes; this dataset holds 2D images", root)
+        raise MedsightError("--slice-planes 3 needs 3D volumes; this dataset holds 2D images", root)
     spacing = np.median([np.linalg.norm(np.array(c.affine)[:3, :3], axis=0) for c in cases], axis=0)
     if spacing.max() > 1.25 * spacing.min():
         mm = " x ".join(f"{s:.3g}" for s in spacing)
-        raise MedsightError(f"--views 3 needs near-isotropic voxels; these are {mm} mm: use --views 1", root)
+        raise MedsightError(
+            f"--slice-planes 3 needs near-isotropic voxels; these are {mm} mm: use --slice-planes 1", root
+        )
     return [pre.slice_axis] + [a for a in range(3) if a != pre.slice_axis]
 
 
@@ -191,9 +193,9 @@ class SegmentationTask(MedsightTask):
             raise MedsightError(
                 f"slices must be odd (the centre slice is the one segmented), not {cfg.slices}"
             )
-        if cfg.views not in (1, 3) or (cfg.views == 3 and self.kind == "3d"):
+        if cfg.slice_planes not in (1, 3) or (cfg.slice_planes == 3 and self.kind == "3d"):
             raise MedsightError(
-                f"views must be 1 or 3 (3: the three planes of a slice-wise method), not {cfg.views} "
+                f"--slice-planes must be 1 or 3 (3: slice-wise methods only), not {cfg.slice_planes} "
                 f"for {cfg.method}"
             )
         self.slices = cfg.slices if self.kind == "2.5d" else 1
@@ -217,17 +219,17 @@ class SegmentationTask(MedsightTask):
         data = prepare_data(cfg, self.kind, progress=cfg.progress and rank == 0)
         pre, self.labels = data["pre"], data["labels"]
         n_classes = len(self.labels)
-        self.view_axes = view_axes(cfg.views, pre, data["train"], cfg.data)
+        self.slice_axes = slice_axes(cfg.slice_planes, pre, data["train"], cfg.data)
         shapes = [c.meta["shape"] for c in data["train"]]
         plans = [
             plan.plan(plan.fingerprint(shapes, pre.in_channels, axis), self.kind, cfg.memory_budget,
                       cfg.batch_size, cfg.patch_size)
-            for axis in self.view_axes
+            for axis in self.slice_axes
         ]  # fmt: skip
         # One batch size for every plane (the smallest planned), each plane its own window.
         self.plan = {**plans[0], "batch_size": min(p["batch_size"] for p in plans)}
         if len(plans) > 1:
-            self.plan["view_patches"] = [p["patch"] for p in plans]
+            self.plan["plane_patches"] = [p["patch"] for p in plans]
         if rank == 0 and cfg.progress:
             print(plan.describe(self.plan, cfg.method))
         self.model_kwargs = {"in_channels": pre.in_channels, "num_classes": n_classes, **cfg.model_kwargs}
@@ -243,7 +245,7 @@ class SegmentationTask(MedsightTask):
         weights = weights_from_counts(counts) if cfg.class_weights == "auto" else None
         self.loss_fn = WeightedCEDiceLoss(n_classes, class_weights=weights)
         samplers = []  # (sampler, augmenter) per plane
-        for axis, planned in zip(self.view_axes, plans, strict=True):
+        for axis, planned in zip(self.slice_axes, plans, strict=True):
             patch = tuple(planned["patch"])
             sampler = patch_sampler(
                 data["train"],
@@ -286,7 +288,7 @@ class SegmentationTask(MedsightTask):
         x, y = case.load()  # one cached case in memory at a time
         patch = self.plan["patch"]
         pred = np.argmax(
-            probabilities(self._forward, x, self.kind, self.slices, patch, self.view_axes), axis=0
+            probabilities(self._forward, x, self.kind, self.slices, patch, self.slice_axes), axis=0
         )
         self._scores.append(dice_per_class(pred, y, len(self.labels)))
 
@@ -312,7 +314,7 @@ class SegmentationTask(MedsightTask):
             "patch": list(self.plan["patch"]),
             "plan": self.plan,
             "mirror_axes": sorted(self.cfg.mirror_axes),
-            "view_axes": list(self.view_axes),
+            "slice_axes": list(self.slice_axes),
             "data": {
                 "root": str(self.cfg.data),
                 "train_ids": data["train_ids"],
