@@ -3,6 +3,7 @@ ONNX parity and bad input. Runs are a few optimiser steps: correctness, not qual
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -409,6 +410,12 @@ def test_three_plane_model_trains_on_each_plane_and_predicts_their_mean(tmp_path
         single.append(predictor.predict(image)[1].array)
     np.testing.assert_allclose(mean, np.mean(single, axis=0), atol=1e-5)
     assert not np.allclose(single[0], single[2], atol=1e-3)  # the planes do see different inputs
+    if importlib.util.find_spec("onnxruntime"):  # the export takes each plane's slice shape
+        from medsight.engine.export import export_onnx
+
+        onnx_path = export_onnx(summary["best"], tmp_path / "model.onnx")
+        onnx = Predictor(summary["best"], backend="onnx", onnx_path=onnx_path).predict(image)[1].array
+        assert np.abs(onnx - mean).max() < 1e-4
 
 
 def test_mirror_trained_model_predicts_with_tta_and_others_refuse(phantom, trained, tmp_path):
