@@ -410,6 +410,9 @@ def test_three_plane_model_trains_on_each_plane_and_predicts_their_mean(tmp_path
         single.append(predictor.predict(image)[1].array)
     np.testing.assert_allclose(mean, np.mean(single, axis=0), atol=1e-5)
     assert not np.allclose(single[0], single[2], atol=1e-3)  # the planes do see different inputs
+    stretched = Scan(image.array, image.affine @ np.diag([1.0, 1.0, 2.5, 1.0]), path=image.path)
+    with pytest.raises(MedsightError, match=r"has 1 x 1 x 2.5 mm voxels .* needs near-isotropic"):
+        Predictor(summary["best"]).predict(stretched)
     if importlib.util.find_spec("onnxruntime"):  # the export takes each plane's slice shape
         from medsight.engine.export import export_onnx
 

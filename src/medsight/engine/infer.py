@@ -14,7 +14,7 @@ import numpy as np
 
 from medsight import progress
 from medsight.engine import checkpoint
-from medsight.engine.preprocess import Preprocessing, as_picture, as_volume
+from medsight.engine.preprocess import Preprocessing, as_picture, as_volume, unlike_spacing
 from medsight.engine.sampling import from_working, pad_to, round_up, stack, to_working
 from medsight.engine.tta import average_over_views, dihedral_views, mirror_views
 from medsight.errors import MedsightError
@@ -264,6 +264,12 @@ class Predictor:
 
     def _predict(self, scan: Scan, largest_component: bool) -> tuple[Scan, Scan]:
         working = self.pre.image(scan)
+        if len(self.slice_axes) > 1 and (mm := unlike_spacing(working.spacing)):
+            raise MedsightError(
+                f"has {mm} voxels (after the model's resampling); the model slices three planes "
+                "(train --slice-planes 3) and needs near-isotropic ones",
+                scan.path,
+            )
 
         def run(image: np.ndarray, mirror_axes=()) -> np.ndarray:
             return probabilities(

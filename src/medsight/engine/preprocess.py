@@ -46,6 +46,15 @@ def choose_slice_axis(spacing: np.ndarray, labels: list[Scan]) -> int:
     return _slice_axis_from_extents(spacing, [foreground_extent(lab) for lab in labels])
 
 
+def unlike_spacing(spacing) -> str | None:
+    """``"1 x 1 x 2.5 mm"`` when voxels are too far from cubes for three slicing planes (largest
+    spacing over 1.25x the smallest: the planes would show the anatomy at unlike scales), else None."""
+    spacing = np.asarray(spacing, dtype=float)
+    if spacing.max() <= 1.25 * spacing.min():
+        return None
+    return " x ".join(f"{s:.3g}" for s in spacing) + " mm"
+
+
 def foreground_extent(label: Scan) -> np.ndarray | None:
     """Voxel extent of a label's foreground along each spatial axis (None without foreground)."""
     voxels = np.argwhere(label.array[0] > 0)

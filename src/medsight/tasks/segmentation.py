@@ -147,17 +147,17 @@ def prepare_data(cfg: SegmentationConfig, kind: str, progress: bool = True) -> d
 
 def slice_axes(planes: int, pre, cases, root) -> list[int]:
     """The slice axes a slice-wise network is trained and predicts along: the planned one, then with
-    three planes the other two. Three planes need 3D volumes whose voxels are near cubes (largest
-    spacing at most 1.25x the smallest), or the planes would show the anatomy at unlike scales."""
+    three planes the other two, which need 3D volumes of near-cubic voxels (preprocess.unlike_spacing)."""
+    from medsight.engine.preprocess import unlike_spacing
+
     if planes == 1:
         return [pre.slice_axis]
     if pre.dim == 2:
         raise MedsightError("--slice-planes 3 needs 3D volumes; this dataset holds 2D images", root)
-    spacing = np.median([np.linalg.norm(np.array(c.affine)[:3, :3], axis=0) for c in cases], axis=0)
-    if spacing.max() > 1.25 * spacing.min():
-        mm = " x ".join(f"{s:.3g}" for s in spacing)
+    spacing = np.median([np.linalg.norm(c.affine[:3, :3], axis=0) for c in cases], axis=0)
+    if mm := unlike_spacing(spacing):
         raise MedsightError(
-            f"--slice-planes 3 needs near-isotropic voxels; these are {mm} mm: use --slice-planes 1", root
+            f"--slice-planes 3 needs near-isotropic voxels; these are {mm}: use --slice-planes 1", root
         )
     return [pre.slice_axis] + [a for a in range(3) if a != pre.slice_axis]
 
@@ -226,8 +226,9 @@ class SegmentationTask(MedsightTask):
                       cfg.batch_size, cfg.patch_size)
             for axis in self.slice_axes
         ]  # fmt: skip
-        # One batch size for every plane (the smallest planned), each plane its own window.
-        self.plan = {**plans[0], "batch_size": min(p["batch_size"] for p in plans)}
+        # One batch size for every plane (the smallest), each plane its own window.
+        smallest = min(plans, key=lambda p: p["batch_size"])
+        self.plan = {**plans[0], **{k: smallest[k] for k in ("batch_size", "planned_batch_size")}}
         if len(plans) > 1:
             self.plan["plane_patches"] = [p["patch"] for p in plans]
         if rank == 0 and cfg.progress:
