@@ -73,3 +73,17 @@ def cli(capsys, monkeypatch):
         return stop.value.code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture
+def run_cli(cli):
+    """The `medsight` command in process, answering like ``subprocess.run`` (``returncode``,
+    ``stdout``, ``stderr``). Tests that kill or interrupt a run, or check the installed script,
+    start their own process."""
+    from types import SimpleNamespace
+
+    def run(*args) -> SimpleNamespace:
+        code, out, err = cli(*args)
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    return run

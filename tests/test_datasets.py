@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -24,7 +22,6 @@ from medsight.datasets import (
     train_val_split,
 )
 
-MEDSIGHT = [sys.executable, "-m", "medsight.cli.main"]
 SPACING = (0.5, 1.0, 2.0)
 AFFINE = np.diag([*SPACING, 1.0])
 SHAPE = (6, 5, 4)
@@ -458,11 +455,7 @@ def test_dataset_case_lookup(tmp_path):
 
 
 # -- CLI -------------------------------------------------------------------------------------
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*MEDSIGHT, *args], capture_output=True, text=True, timeout=120)
-
-
-def test_cli_inspect_exit_codes_and_output(tmp_path):
+def test_cli_inspect_exit_codes_and_output(tmp_path, run_cli):
     make_msd(tmp_path / "msd", ["c1", "c2"])
     (tmp_path / "msd" / "labelsTr" / "c2.nii.gz").unlink()
     result = run_cli("data", "inspect", str(tmp_path / "msd"), "--no-progress")
@@ -480,7 +473,7 @@ def test_cli_inspect_exit_codes_and_output(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_cli_inspect_case_folder_options(tmp_path):
+def test_cli_inspect_case_folder_options(tmp_path, run_cli):
     make_case_folders(tmp_path)
     result = run_cli(
         "data", "inspect", str(tmp_path), "--json", "--image-names", "t1,flair", "--label-name", "seg",

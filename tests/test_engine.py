@@ -217,10 +217,6 @@ def test_resume_after_kill_matches_an_unbroken_run(phantom, tmp_path, ema_decay)
 
 
 # -- bad input ------------------------------------------------------------------------------------------
-def run_cli(*args):
-    return subprocess.run([*MEDSIGHT, *args], capture_output=True, text=True)
-
-
 def test_resume_with_another_method_is_refused(trained, phantom):
     from pathlib import Path
 
@@ -229,7 +225,7 @@ def test_resume_with_another_method_is_refused(trained, phantom):
         train(TrainConfig(method="unet2d", data=str(phantom), out=str(run), resume=True, **TINY))
 
 
-def test_predict_with_wrong_channel_count(trained, tmp_path):
+def test_predict_with_wrong_channel_count(trained, tmp_path, run_cli):
     two = Scan(np.zeros((2, 16, 16, 8), np.float32))
     io.write(two, tmp_path / "two.nii.gz")
     result = run_cli(
@@ -238,7 +234,7 @@ def test_predict_with_wrong_channel_count(trained, tmp_path):
     assert result.returncode == 2 and "2 channel(s) but the model was trained on 1" in result.stderr
 
 
-def test_corrupt_checkpoint(tmp_path):
+def test_corrupt_checkpoint(tmp_path, run_cli):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x80\x02 definitely not a checkpoint")
     scan = tmp_path / "s.nii.gz"
@@ -250,7 +246,7 @@ def test_corrupt_checkpoint(tmp_path):
     assert result.returncode == 2 and "not a medsight checkpoint" in result.stderr
 
 
-def test_weights_of_another_layout_give_a_one_line_error(trained, tmp_path):
+def test_weights_of_another_layout_give_a_one_line_error(trained, tmp_path, run_cli):
     """A checkpoint whose weights do not fit the network this version builds (an older layout)."""
     payload = torch.load(trained["best"], map_location="cpu", weights_only=False)
     payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if "head" not in k}
@@ -421,7 +417,7 @@ def test_three_plane_model_trains_on_each_plane_and_predicts_their_mean(tmp_path
         assert np.abs(onnx - mean).max() < 1e-4
 
 
-def test_mirror_trained_model_predicts_with_tta_and_others_refuse(phantom, trained, tmp_path):
+def test_mirror_trained_model_predicts_with_tta_and_others_refuse(phantom, trained, tmp_path, run_cli):
     summary = train(
         TrainConfig(
             method="context25d", data=str(phantom), out=str(tmp_path / "run"), slices=3, mirror_axes=[0],
@@ -458,7 +454,7 @@ def test_mirror_trained_model_predicts_with_tta_and_others_refuse(phantom, train
     assert not (tmp_path / "bad4").exists()
 
 
-def test_bad_training_options_leave_no_folder_behind(phantom, tmp_path):
+def test_bad_training_options_leave_no_folder_behind(phantom, tmp_path, run_cli):
     """Each refused run ends in one line and exit code 2, before any run folder exists."""
     (tmp_path / "taken.nii.gz").write_bytes(b"a user's file")
     cases = [
@@ -478,7 +474,9 @@ def test_bad_training_options_leave_no_folder_behind(phantom, tmp_path):
     assert (tmp_path / "taken.nii.gz").read_bytes() == b"a user's file"
 
 
-def test_resume_refuses_changed_options_and_does_not_rerun_a_finished_run(trained, phantom, tmp_path):
+def test_resume_refuses_changed_options_and_does_not_rerun_a_finished_run(
+    trained, phantom, tmp_path, run_cli
+):
     import shutil
     from pathlib import Path
 
@@ -549,7 +547,9 @@ def test_ctrl_c_says_how_to_continue(phantom, tmp_path):
     )
 
 
-def test_predict_names_same_named_inputs_by_folder_and_checks_every_output_first(trained, phantom, tmp_path):
+def test_predict_names_same_named_inputs_by_folder_and_checks_every_output_first(
+    trained, phantom, tmp_path, run_cli
+):
     scan = next((phantom / "imagesTr").glob("*.nii.gz"))
     for case in ("pat1", "pat2"):  # BraTS-style: one folder per case, the same file name in each
         (tmp_path / case).mkdir()
@@ -585,7 +585,7 @@ def test_device_and_precision_resolution():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
-def test_cuda_without_cuda_is_one_line_and_exit_2(trained, phantom, tmp_path):
+def test_cuda_without_cuda_is_one_line_and_exit_2(trained, phantom, tmp_path, run_cli):
     scan = next((phantom / "imagesTr").glob("*.nii.gz"))
     for command in (
         ["predict", str(scan), "-m", trained["best"], "-o", str(tmp_path / "p"), "--device", "cuda"],
@@ -664,7 +664,7 @@ def test_time_budget_stops_after_the_epoch_that_passes_it(phantom, tmp_path):
     assert train(TrainConfig(**{**options, "resume": True}))["epochs_run"] == 1
 
 
-def test_predict_writes_a_dicom_seg_that_matches_the_nifti_mask(trained, phantom, tmp_path):
+def test_predict_writes_a_dicom_seg_that_matches_the_nifti_mask(trained, phantom, tmp_path, run_cli):
     import highdicom as hd
     import pydicom
 
@@ -700,7 +700,7 @@ def checkpoint_label_names(path) -> dict[int, str]:
     return {int(k): v for k, v in checkpoint.load(path)["labels"].items()}
 
 
-def test_dicom_seg_needs_dicom_inputs(trained, phantom, tmp_path):
+def test_dicom_seg_needs_dicom_inputs(trained, phantom, tmp_path, run_cli):
     result = run_cli(
         "predict", phantom / "imagesTr" / "phantom_000.nii.gz", "-m", trained["best"], "-o", tmp_path / "o",
         "--format", "dicom-seg",

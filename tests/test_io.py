@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import nibabel as nib
 import nrrd
@@ -18,7 +15,6 @@ from dicom_factory import write_series
 from medsight import MedsightError, Scan, io
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-MEDSIGHT = [sys.executable, "-m", "medsight.cli.main"]
 
 
 def oblique_affine() -> np.ndarray:
@@ -262,11 +258,7 @@ def test_written_files_get_the_umask_permissions_not_private_ones(tmp_path):
 
 
 # -- CLI --------------------------------------------------------------------------------------------------
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*MEDSIGHT, *args], capture_output=True, text=True, cwd=Path(__file__).parent)
-
-
-def test_cli_convert_dicom_to_nifti_and_info(tmp_path):
+def test_cli_convert_dicom_to_nifti_and_info(tmp_path, run_cli):
     write_series(tmp_path / "s", np.arange(3 * 4 * 5).reshape(3, 4, 5))
     result = run_cli("convert", str(tmp_path / "s"), str(tmp_path / "out.nii.gz"))
     assert result.returncode == 0, result.stderr
@@ -278,7 +270,7 @@ def test_cli_convert_dicom_to_nifti_and_info(tmp_path):
 
 
 @pytest.mark.parametrize("make_bad", ["missing", "garbage_nifti", "empty_folder"])
-def test_cli_bad_input_is_one_line_exit_2(tmp_path, make_bad):
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, make_bad, run_cli):
     target = {
         "missing": tmp_path / "nope.nii.gz",
         "garbage_nifti": tmp_path / "g.nii.gz",

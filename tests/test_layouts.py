@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -18,7 +16,6 @@ from PIL import Image
 
 from medsight.datasets import detect_layout, fingerprint, open_dataset
 
-MEDSIGHT = [sys.executable, "-m", "medsight.cli.main"]
 AFFINE = np.diag([0.9, 0.9, 1.2, 1.0])
 
 
@@ -38,10 +35,8 @@ def _segmentation() -> np.ndarray:
     return seg
 
 
-def run_inspect(path: Path) -> dict:
-    result = subprocess.run(
-        [*MEDSIGHT, "data", "inspect", str(path), "--json"], capture_output=True, text=True
-    )
+def run_inspect(run_cli, path: Path) -> dict:
+    result = run_cli("data", "inspect", str(path), "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -64,7 +59,7 @@ def make_bids(root: Path) -> None:
     (root / "derivatives" / "labels" / "dataset_description.json").write_text('{"Name": "labels"}')
 
 
-def test_bids_subjects_sessions_and_derivative_labels(tmp_path):
+def test_bids_subjects_sessions_and_derivative_labels(tmp_path, run_cli):
     make_bids(tmp_path / "bids")
     assert detect_layout(tmp_path / "bids") == "bids"
     ds = open_dataset(tmp_path / "bids")
@@ -75,7 +70,7 @@ def test_bids_subjects_sessions_and_derivative_labels(tmp_path):
     assert case.label == tmp_path / "bids/derivatives/labels/sub-01/ses-2/anat/sub-01_ses-2_dseg.nii.gz"
     image, label = ds.load_case(case)
     assert image.channels == 2 and set(np.unique(label.array)) == {0, 1, 2}
-    facts = run_inspect(tmp_path / "bids")
+    facts = run_inspect(run_cli, tmp_path / "bids")
     assert facts["layout"] == "bids" and facts["problems"] == []
     assert {v["value"] for v in facts["label_values"]} == {0, 1, 2}
 
@@ -125,7 +120,7 @@ def make_drive(root: Path) -> dict[str, np.ndarray]:
     return vessels
 
 
-def test_drive_parallel_folders_with_field_of_view_masks(tmp_path):
+def test_drive_parallel_folders_with_field_of_view_masks(tmp_path, run_cli):
     vessels = make_drive(tmp_path / "DRIVE")
     assert detect_layout(tmp_path / "DRIVE") == "parallel-folders"
     ds = open_dataset(tmp_path / "DRIVE")
@@ -137,7 +132,7 @@ def test_drive_parallel_folders_with_field_of_view_masks(tmp_path):
     image, label = ds.load_case(case)
     assert image.spatial_shape == (12, 10)
     assert np.array_equal(label.array[0], vessels["22"] // 255)  # stored 0/255, a class map 0/1
-    facts = run_inspect(tmp_path / "DRIVE")
+    facts = run_inspect(run_cli, tmp_path / "DRIVE")
     assert facts["layout"] == "parallel-folders" and facts["problems"] == []
     assert {v["value"] for v in facts["label_values"]} == {0, 255}
 
@@ -180,14 +175,14 @@ def make_pairs(root: Path) -> None:
     (root / "params.yaml").write_text("setting: {}")
 
 
-def test_image_mask_pairs(tmp_path):
+def test_image_mask_pairs(tmp_path, run_cli):
     make_pairs(tmp_path / "data")
     assert detect_layout(tmp_path / "data") == "image-mask-pairs"
     ds = open_dataset(tmp_path / "data")
     assert ds.case_ids == ["brain1", "breast1", "lung1"] and ds.dim == 3
     assert ds.case("lung1").label == tmp_path / "data" / "lung1_mask.nii.gz"
     assert ds.case("brain1").images == [tmp_path / "data" / "brain1_image.nrrd"]
-    facts = run_inspect(tmp_path / "data")
+    facts = run_inspect(run_cli, tmp_path / "data")
     assert facts["layout"] == "image-mask-pairs" and facts["problems"] == []
 
 
